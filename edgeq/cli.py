@@ -1,0 +1,237 @@
+"""The ``edgeq`` command: parses arguments, calls the Python API, prints. No logic of its own.
+
+Every handler imports what it needs inside the function, so ``edgeq --help`` and
+``edgeq <cmd> --help`` stay fast and never load torch, OpenVINO or TensorRT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+
+EXAMPLES = {
+    "info": """examples:
+  edgeq info                                   # the bundled demo checkpoint
+  edgeq info yolov5s-mobilenetv3-small --imgsz 640
+  edgeq info path/to/best.pt --json info.json""",
+    "data synth": """examples:
+  edgeq data synth datasets/shapes --train 4000 --val 500 --imgsz 320 --seed 0""",
+    "train": """examples:
+  edgeq train --cfg yolov5s-mobilenetv3-small --data datasets/shapes/data.yaml --imgsz 320 --epochs 30
+  edgeq train --out runs/demo --resume          # continue an interrupted run""",
+    "val": """examples:
+  edgeq val                                    # demo checkpoint on the demo validation split
+  edgeq val best.pt --data data.yaml --json metrics.json""",
+}
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    from edgeq.utils.files import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=float) + "\n")
+    print(f"wrote {path}")
+
+
+def _model_source(arg: str | None) -> str:
+    if arg:
+        return arg
+    from edgeq.data.demo import demo_weights
+
+    return str(demo_weights())
+
+
+# ----------------------------------------------------------------------------- handlers
+def cmd_info(args: argparse.Namespace) -> int:
+    from edgeq.models.checkpoint import load_model
+    from edgeq.models.info import format_summary, summarize
+
+    loaded = load_model(_model_source(args.model), nc=args.nc, trust=args.trust_checkpoint)
+    imgsz = args.imgsz or loaded.imgsz or 640
+    summary = summarize(loaded.model, imgsz)
+    print(format_summary(summary, title=Path(str(args.model or loaded.path)).name))
+    if loaded.source != "config":
+        print(f"classes: {', '.join(loaded.names)}")
+    payload = summary.to_dict() | {"source": loaded.source, "names": loaded.names}
+    _write_json(args.json, payload)
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from edgeq.data.synthetic import generate_dataset
+
+    path = generate_dataset(args.out_dir, n_train=args.train, n_val=args.val, imgsz=args.imgsz, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_data_calib(args: argparse.Namespace) -> int:
+    from edgeq.data.synthetic import generate_images
+
+    paths = generate_images(args.out_dir, n=args.num, imgsz=args.imgsz, seed=args.seed)
+    print(f"wrote {len(paths)} images to {args.out_dir}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edgeq.training.trainer import TrainConfig, Trainer
+
+    if not args.resume and not args.data:
+        raise EdgeqError("edgeq train needs --data DATA_YAML (or --resume with --out of an earlier run)")
+    cfg = TrainConfig(
+        cfg=args.cfg,
+        data=str(args.data or ""),
+        imgsz=args.imgsz,
+        epochs=args.epochs or 30,
+        batch=args.batch,
+        optimizer=args.optimizer,
+        lr0=args.lr0,
+        workers=args.workers,
+        seed=args.seed,
+        out=args.out,
+        val_images=args.val_images,
+        max_iters=args.max_iters,
+        weights=args.weights or "",
+        close_mosaic=args.close_mosaic,
+        warmup_epochs=args.warmup_epochs,
+    )
+    trainer = Trainer(cfg, resume=args.resume, epochs=args.epochs)
+    metrics = trainer.fit()
+    print(f"done: {metrics}")
+    print(f"weights: {trainer.best_path} (best), {trainer.last_path} (resumable)")
+    _write_json(args.json, metrics)
+    return 0
+
+
+def cmd_val(args: argparse.Namespace) -> int:
+    from edgeq.data.demo import demo_data_yaml
+    from edgeq.data.yolo import YoloDataset
+    from edgeq.runtime.evaluate import format_map_table
+    from edgeq.validate import evaluate_model
+
+    data = args.data or demo_data_yaml()
+    dataset = YoloDataset(data, split=args.split)
+    result = evaluate_model(
+        _model_source(args.weights), dataset, imgsz=args.imgsz, batch_size=args.batch, trust=args.trust_checkpoint
+    )
+    print(format_map_table(result))
+    print(f"mAP50 {result['map50']:.4f}  mAP50-95 {result['map50_95']:.4f}  ({result['images']} images, {data})")
+    _write_json(args.json, result)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # Sub-parsers must not reset a -v given before the command (argparse copies their defaults).
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="show tracebacks and debug logs")
+
+
+def _sub(subs, name: str, help_text: str, examples_key: str | None = None) -> argparse.ArgumentParser:
+    p = subs.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=EXAMPLES.get(examples_key or name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeq",
+        description="Fuse, INT8-quantize and export YOLO/MobileNetV3 detectors for ONNX Runtime, "
+        "OpenVINO and TensorRT, and prove what it cost.",
+        epilog="Run 'edgeq COMMAND --help' for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeq {__version__}")
+    _common(parser, top=True)
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _sub(subs, "info", "print a model's layer table, parameter count and GFLOPs")
+    p.add_argument("model", nargs="?", help="checkpoint (.pt) or model yaml / bundled config name (default: the demo checkpoint)")
+    p.add_argument("--imgsz", type=int, help="input size for GFLOPs (default: the checkpoint's, else 640)")
+    p.add_argument("--nc", type=int, help="override the number of classes of a yaml")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
+    p.set_defaults(func=cmd_info)
+
+    p = _sub(subs, "data", "generate datasets")
+    data_subs = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    q = _sub(data_subs, "synth", "write the seeded synthetic shapes data set in YOLO format", "data synth")
+    q.add_argument("out_dir")
+    q.add_argument("--train", type=int, default=4000, help="training images (default 4000)")
+    q.add_argument("--val", type=int, default=500, help="validation images (default 500)")
+    q.add_argument("--imgsz", type=int, default=320)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_data_synth)
+    q = _sub(data_subs, "calib", "write unlabeled synthetic calibration images", "data calib")
+    q.add_argument("out_dir")
+    q.add_argument("--num", type=int, default=256)
+    q.add_argument("--imgsz", type=int, default=320)
+    q.add_argument("--seed", type=int, default=777)
+    q.set_defaults(func=cmd_data_calib)
+
+    p = _sub(subs, "train", "train a detector from a model yaml on a YOLO-format data set")
+    p.add_argument("--cfg", default="yolov5s-mobilenetv3-small", help="model yaml or bundled config name")
+    p.add_argument("--data", help="data.yaml of a YOLO-format data set")
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--epochs", type=int, help="total epochs (default 30; with --resume, extends the run)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--optimizer", default="auto", choices=["auto", "SGD", "AdamW"])
+    p.add_argument("--lr0", type=float, help="initial learning rate (default 0.01 SGD, 0.001 AdamW)")
+    p.add_argument("--workers", type=int, default=1, help="data loader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/train", help="run folder (last.pt, best.pt, results.csv)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--weights", help="initialize from this checkpoint (fine-tuning)")
+    p.add_argument("--close-mosaic", type=int, default=3, help="last N epochs without mosaic (default 3)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--val-images", type=int, default=0, help="validate on the first N images only (0: all)")
+    p.add_argument("--max-iters", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--json", help="write the final metrics to this JSON file")
+    p.set_defaults(func=cmd_train)
+
+    p = _sub(subs, "val", "mAP50 and mAP50-95 of a checkpoint on a labelled data set")
+    p.add_argument("weights", nargs="?", help="checkpoint (default: the demo checkpoint)")
+    p.add_argument("--data", help="data.yaml or dataset folder (default: the demo validation split)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--imgsz", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--json", help="write mAP50, mAP50-95 and per-class figures to this JSON file")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
+    p.set_defaults(func=cmd_val)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except EdgeqError as exc:
+        if verbose:
+            raise
+        print(f"edgeq {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

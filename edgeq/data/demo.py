@@ -40,9 +40,9 @@ def demo_weights() -> Path:
 
 def demo_data_yaml(progress: bool = True) -> Path:
     """data.yaml of the demo validation split, generating it on first use."""
-    from edgeq.data.synthetic import generate_dataset
+    from edgeq.data.synthetic import GENERATOR_VERSION, generate_dataset
 
-    out = cache_dir() / f"demo-shapes-s{DEMO_SEED}-{DEMO_IMGSZ}-v{DEMO_VAL}"
+    out = cache_dir() / f"demo-shapes-g{GENERATOR_VERSION}-s{DEMO_SEED}-{DEMO_IMGSZ}-n{DEMO_VAL}"
     data_yaml = out / "data.yaml"
     if not data_yaml.is_file():
         generate_dataset(out, n_train=0, n_val=DEMO_VAL, imgsz=DEMO_IMGSZ, seed=DEMO_SEED)

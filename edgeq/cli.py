@@ -25,6 +25,18 @@ EXAMPLES = {
     "train": """examples:
   edgeq train --cfg yolov5s-mobilenetv3-small --data datasets/shapes/data.yaml --imgsz 320 --epochs 30
   edgeq train --out runs/demo --resume          # continue an interrupted run""",
+    "export": """examples:
+  edgeq export                                 # demo checkpoint -> ONNX + OpenVINO IR, with parity
+  edgeq export best.pt --format onnx,openvino,engine --imgsz 320 --out exported/
+  edgeq export best.pt --dynamic --half --force
+  edgeq export model.onnx --format engine      # on a Jetson: build its own engine from the ONNX""",
+    "parity": """examples:
+  edgeq parity best.pt exported/best.onnx exported/best.xml
+  edgeq parity best.pt exported/best.onnx --data images/ --num-images 32 --json parity.json""",
+    "run": """examples:
+  edgeq run exported/best.onnx --source street.jpg --save out/
+  edgeq run exported/best.xml --source images/ --conf 0.4 --save out/
+  edgeq run best.pt --source clip.mp4 --save out/""",
     "val": """examples:
   edgeq val                                    # demo checkpoint on the demo validation split
   edgeq val best.pt --data data.yaml --json metrics.json""",
@@ -127,6 +139,90 @@ def cmd_val(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity_images(data: str | None, num: int) -> list:
+    from edgeq.data.demo import calib_dir
+    from edgeq.data.images import iter_images, list_images
+
+    folder = Path(data) if data else calib_dir()
+    images = [img for _, img in iter_images(list_images(folder)[:num])]
+    if not images:
+        raise EdgeqError(f"no readable images in {folder} for the parity check")
+    return images
+
+
+def _print_parity(reference: str, artifacts: list[str], data: str | None, num: int, threads: int | None, json_path):
+    from edgeq.runtime.detector import Detector
+    from edgeq.runtime.parity import format_parity_table, parity_check
+
+    images = _parity_images(data, num)
+    results = {}
+    for artifact in artifacts:
+        with Detector(artifact, threads=threads, **_precision_for(artifact)) as cand:
+            with Detector(reference, imgsz=cand.imgsz) as ref:  # the reference runs at the artifact's size
+                results[str(artifact)] = parity_check(ref, cand, images)
+    print(f"parity against {reference} on {len(images)} images:")
+    print(format_parity_table(results))
+    _write_json(json_path, {"reference": str(reference), "images": len(images),
+                            "artifacts": {k: v.to_dict() for k, v in results.items()}})
+    return results
+
+
+def _precision_for(artifact) -> dict:
+    return {"precision": "f32"} if str(artifact).endswith(".xml") else {}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgeq.export.pipeline import export_model
+
+    weights = _model_source(args.weights)
+    result = export_model(
+        weights,
+        formats=args.format,
+        out_dir=args.out,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        dynamic=args.dynamic,
+        half=args.half,
+        opset=args.opset,
+        rewrite=not args.no_rewrite,
+        raw=args.raw,
+        force=args.force,
+        trust=args.trust_checkpoint,
+    )
+    for fmt, path in result.artifacts.items():
+        print(f"wrote {fmt:<8} {path}")
+    rep = result.deploy_report
+    if rep:
+        print(f"deploy graph: {len(rep['fused'])} BatchNorm folded, {len(rep['rewritten'])} hard activations "
+              f"rewritten ({rep['form']} form), max relative error vs the original {rep['max_rel_error']:.1e}")
+    checkable = [p for f, p in result.artifacts.items() if f != "engine"]
+    if args.raw or Path(weights).suffix == ".onnx" or not checkable:
+        return 0
+    _print_parity(weights, [str(p) for p in checkable], args.data, args.num_images, args.threads, args.json)
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    results = _print_parity(args.weights, args.artifacts, args.data, args.num_images, args.threads, args.json)
+    failed = [k for k, r in results.items() if not r.passed(args.max_rel_l2, args.min_agreement)]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (budget: rel L2 <= {args.max_rel_l2}, agreement >= {args.min_agreement})")
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgeq.runtime.run import run_source
+
+    summary = run_source(
+        _model_source(args.model), args.source, save_dir=args.save, conf_thres=args.conf, iou_thres=args.iou,
+        threads=args.threads,
+    )
+    print(f"{summary['images']} images, {summary['detections']} detections"
+          + (f"; wrote {summary['saved']} images and {summary['json']}" if args.save else ""))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
     # Sub-parsers must not reset a -v given before the command (argparse copies their defaults).
@@ -200,6 +296,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", help="write the final metrics to this JSON file")
     p.set_defaults(func=cmd_train)
+
+    p = _sub(subs, "export", "export a checkpoint to ONNX / OpenVINO IR / TensorRT engine, with parity")
+    p.add_argument("weights", nargs="?", help="checkpoint, or an edgeq ONNX to build an engine from (default: demo)")
+    p.add_argument("--format", default="onnx,openvino", help="comma list of onnx, openvino, engine (default onnx,openvino)")
+    p.add_argument("--imgsz", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
+    p.add_argument("--half", action="store_true", help="FP16 weights in the IR, FP16 engine")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-20 (default 17)")
+    p.add_argument("--no-rewrite", action="store_true", help="keep HardSwish/HardSigmoid instead of the ReLU6 form")
+    p.add_argument("--raw", action="store_true", help="export the head's raw maps instead of decoded boxes")
+    p.add_argument("--out", help="output folder (default runs/export/<weights name>)")
+    p.add_argument("--force", action="store_true", help="overwrite existing artifacts")
+    p.add_argument("--data", help="images for the parity check (default: the bundled calib_data/)")
+    p.add_argument("--num-images", type=int, default=16, help="images for the parity check (default 16)")
+    p.add_argument("--threads", type=int, help="CPU threads for the backends")
+    p.add_argument("--json", help="write the parity figures to this JSON file")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
+    p.set_defaults(func=cmd_export)
+
+    p = _sub(subs, "parity", "compare exported artifacts with the PyTorch model: tensors and detections")
+    p.add_argument("weights", help="the reference checkpoint (.pt)")
+    p.add_argument("artifacts", nargs="+", help=".onnx / .xml / .engine files to check")
+    p.add_argument("--data", help="folder of images (default: the bundled calib_data/)")
+    p.add_argument("--num-images", type=int, default=16)
+    p.add_argument("--threads", type=int, help="CPU threads for the backends")
+    p.add_argument("--max-rel-l2", type=float, default=1e-4, help="budget for the output's relative L2 error")
+    p.add_argument("--min-agreement", type=float, default=0.99, help="budget for detection agreement (mAP50-95)")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_parity)
+
+    p = _sub(subs, "run", "detect objects in images, a folder or a video with any artifact")
+    p.add_argument("model", nargs="?", help=".onnx / .xml / .engine / .pt (default: the demo checkpoint)")
+    p.add_argument("--source", required=True, help="image, folder of images, or video file")
+    p.add_argument("--save", help="folder for images with boxes drawn and detections.json")
+    p.add_argument("--conf", type=float, default=0.25, help="score threshold (default 0.25)")
+    p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
+    p.add_argument("--threads", type=int, help="CPU threads for the backend")
+    p.set_defaults(func=cmd_run)
 
     p = _sub(subs, "val", "mAP50 and mAP50-95 of a checkpoint on a labelled data set")
     p.add_argument("weights", nargs="?", help="checkpoint (default: the demo checkpoint)")

@@ -1,0 +1,143 @@
+"""One call from a checkpoint to every backend's artifact: what ``edgeq export`` runs.
+
+Order: load -> deploy graph (fuse + h-swish rewrite, checked against the original) -> ONNX
+(always: it is the source of the other formats) -> OpenVINO IR -> TensorRT engine. Every
+target path is checked before any work, so an existing artifact is kept unless ``force``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+
+log = logging.getLogger("edgeq")
+
+FORMATS = ("onnx", "openvino", "engine")
+
+
+@dataclass
+class ExportResult:
+    artifacts: dict[str, Path]
+    deploy_report: dict = field(default_factory=dict)
+    source: Path | None = None
+    imgsz: tuple[int, int] | None = None
+
+
+def parse_formats(formats: str | list[str]) -> list[str]:
+    items = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    aliases = {"ov": "openvino", "ir": "openvino", "trt": "engine", "tensorrt": "engine"}
+    items = [aliases.get(f, f) for f in items]
+    unknown = [f for f in items if f not in FORMATS]
+    if unknown or not items:
+        raise EdgeqError(f"--format {','.join(unknown) or '(empty)'} is not supported", note=f"choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(items))
+
+
+def artifact_paths(out_dir: Path, stem: str, formats: list[str], half: bool, tag: str = "") -> dict[str, Path]:
+    """Where each format goes. The ONNX is always written: the others are built from it."""
+    suffix = f".{tag}" if tag else ""
+    half_tag = ".fp16" if half else ""
+    paths = {"onnx": out_dir / f"{stem}{suffix}.onnx"}
+    if "openvino" in formats:
+        paths["openvino"] = out_dir / f"{stem}{suffix}{half_tag}.xml"
+    if "engine" in formats:
+        paths["engine"] = out_dir / f"{stem}{suffix}{half_tag}.engine"
+    return paths
+
+
+def _companions(path: Path) -> list[Path]:
+    if path.suffix == ".xml":
+        return [path, path.with_suffix(".bin")]
+    if path.suffix == ".engine":
+        return [path, path.with_name(path.name + ".json")]
+    return [path]
+
+
+def check_targets(paths: dict[str, Path], force: bool) -> None:
+    existing = [str(p) for path in paths.values() for p in _companions(path) if p.exists()]
+    if existing and not force:
+        raise EdgeqError(
+            f"{existing[0]} already exists" + (f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""),
+            note="pass --force to overwrite, or --out to write elsewhere",
+        )
+
+
+def export_model(
+    weights: str | Path,
+    *,
+    formats: str | list[str] = ("onnx", "openvino"),
+    out_dir: str | Path | None = None,
+    imgsz: int | None = None,
+    batch: int = 1,
+    dynamic: bool = False,
+    half: bool = False,
+    opset: int = 17,
+    rewrite: bool = True,
+    raw: bool = False,
+    force: bool = False,
+    trust: bool = False,
+    workspace_gb: float = 2.0,
+) -> ExportResult:
+    """Export a checkpoint to the requested formats (float). See ``edgeq export --help``."""
+    from edgeq.export.fuse import deploy
+    from edgeq.export.onnx_export import export_onnx
+    from edgeq.models.checkpoint import load_model
+
+    fmts = parse_formats(formats)
+    if Path(str(weights)).suffix == ".onnx":
+        return _export_from_onnx(Path(weights), fmts, out_dir, half, batch, dynamic, force, workspace_gb)
+    loaded = load_model(weights, trust=trust)
+    size = imgsz or loaded.imgsz or 640
+    out = Path(out_dir) if out_dir else Path("runs/export") / Path(str(weights)).stem
+    paths = artifact_paths(out, Path(str(weights)).stem, fmts, half)
+    check_targets(paths, force)
+
+    stride = int(max(loaded.stride)) if loaded.stride else 32
+    deployed, report = deploy(loaded.model, rewrite=rewrite, example_shape=(1, 3, size, size))
+    metadata = {
+        "edgeq.names": loaded.names,
+        "edgeq.stride": [float(s) for s in loaded.stride],
+        "edgeq.version": __version__,
+        "edgeq.source": Path(str(weights)).name,
+        "edgeq.source_sha256": loaded.sha256,
+        "edgeq.flavour": "float",
+        "edgeq.rewrite": "hswish-relu6" if rewrite else "none",
+        "edgeq.batch": "dynamic" if dynamic else str(batch),
+    }
+    log.info("exporting %s at %dx%d (stride %d)", weights, size, size, stride)
+    export_onnx(
+        deployed, paths["onnx"], imgsz=size, batch=batch, dynamic=dynamic, opset=opset, raw=raw, metadata=metadata
+    )
+    result = ExportResult(artifacts={"onnx": paths["onnx"]}, deploy_report=report, source=Path(str(weights)), imgsz=(size, size))
+    _convert(paths, fmts, half, batch, dynamic, workspace_gb, result)
+    return result
+
+
+def _export_from_onnx(onnx_path: Path, fmts, out_dir, half, batch, dynamic, force, workspace_gb) -> ExportResult:
+    """An existing edgeq ONNX -> IR / engine (how a Jetson builds its own engine)."""
+    if not onnx_path.is_file():
+        raise EdgeqError(f"{onnx_path} does not exist")
+    out = Path(out_dir) if out_dir else onnx_path.parent
+    paths = artifact_paths(out, onnx_path.stem, fmts, half)
+    paths["onnx"] = onnx_path
+    check_targets({k: v for k, v in paths.items() if k != "onnx"}, force)
+    result = ExportResult(artifacts={"onnx": onnx_path}, source=onnx_path)
+    _convert(paths, fmts, half, batch, dynamic, workspace_gb, result)
+    return result
+
+
+def _convert(paths, fmts, half, batch, dynamic, workspace_gb, result: ExportResult) -> None:
+    if "openvino" in fmts:
+        from edgeq.export.openvino_export import export_openvino
+
+        result.artifacts["openvino"] = export_openvino(paths["onnx"], paths["openvino"], half=half)
+    if "engine" in fmts:
+        from edgeq.export.trt_build import BuildOptions, build_engine
+
+        max_batch = max(batch, 8) if dynamic else batch
+        opts = BuildOptions(fp16=half, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch, max_batch=max_batch)
+        result.artifacts["engine"] = build_engine(paths["onnx"], paths["engine"], opts)

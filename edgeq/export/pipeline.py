@@ -97,6 +97,8 @@ def export_model(
     check_targets(paths, force)
 
     stride = int(max(loaded.stride)) if loaded.stride else 32
+    if size <= 0 or size % stride:
+        raise EdgeqError(f"--imgsz {size} must be a positive multiple of the model's stride {stride}")
     deployed, report = deploy(loaded.model, rewrite=rewrite, example_shape=(1, 3, size, size))
     metadata = {
         "edgeq.names": loaded.names,

@@ -75,8 +75,13 @@ def save_checkpoint(
     names: list[str] | None = None,
     imgsz: int,
     extra: dict | None = None,
+    half: bool = False,
 ) -> Path:
-    """Write ``model`` in edgeq's format (float32, plain values only), atomically."""
+    """Write ``model`` in edgeq's format (plain values only), atomically.
+
+    ``half=True`` stores floating tensors as float16 (half the size, e.g. for a checkpoint that
+    ships in a repository); they load back as float32, so the loaded model *is* the rounded one.
+    """
     path = Path(path)
     if not isinstance(model, DetectionModel):
         raise TypeError(f"save_checkpoint needs an edgeq DetectionModel, got {type(model).__name__}")
@@ -90,7 +95,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "edgeq_version": _edgeq_version(),
         "yaml": to_plain(model.yaml, strict=True),
-        "state_dict": _float32_state(model.state_dict()),
+        "state_dict": _float32_state(model.state_dict(), half=half),
         "names": names,
         "imgsz": imgsz,
         "stride": [float(s) for s in model.stride.tolist()],
@@ -106,12 +111,13 @@ def _edgeq_version() -> str:
     return __version__
 
 
-def _float32_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies, floating tensors as float32 (halves load everywhere as float)."""
+def _float32_state(state: dict[str, torch.Tensor], half: bool = False) -> dict[str, torch.Tensor]:
+    """Detached CPU copies, floating tensors as float32 (or float16 with ``half``)."""
+    dtype = torch.float16 if half else torch.float32
     out = {}
     for k, v in state.items():
         v = v.detach().to("cpu").clone()
-        out[k] = v.float() if v.is_floating_point() else v
+        out[k] = v.to(dtype) if v.is_floating_point() else v
     return out
 
 

@@ -1,0 +1,27 @@
+"""The README's main job (scripts/quickstart.sh) runs from a clean output folder and cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_script(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), EDGEQ_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        ["bash", "scripts/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    val = json.loads((out / "val.json").read_text())
+    assert val["images"] == 500 and 0.0 <= val["map50_95"] <= val["map50"] <= 1.0
+    parity = json.loads((out / "parity.json").read_text())
+    assert len(parity["artifacts"]) == 2
+    for entry in parity["artifacts"].values():
+        assert entry["outputs"][0]["rel_l2"] < 1e-4
+    assert (out / "export" / "demo-yolov5s-mnv3s-shapes.onnx").is_file()
+    assert json.loads((out / "detections" / "detections.json").read_text()) is not None

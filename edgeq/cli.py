@@ -52,6 +52,13 @@ def _write_json(path: str | None, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _model_source(arg: str | None) -> str:
     if arg:
         return arg
@@ -139,36 +146,22 @@ def cmd_val(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parity_images(data: str | None, num: int) -> list:
+def _print_parity(reference: str, artifacts: list[str], args: argparse.Namespace) -> dict:
     from edgeq.data.demo import calib_dir
-    from edgeq.data.images import iter_images, list_images
+    from edgeq.data.images import load_sample_images
+    from edgeq.runtime.parity import check_artifacts, format_parity_table
 
-    folder = Path(data) if data else calib_dir()
-    images = [img for _, img in iter_images(list_images(folder)[:num])]
-    if not images:
-        raise EdgeqError(f"no readable images in {folder} for the parity check")
-    return images
-
-
-def _print_parity(reference: str, artifacts: list[str], data: str | None, num: int, threads: int | None, json_path):
-    from edgeq.runtime.detector import Detector
-    from edgeq.runtime.parity import format_parity_table, parity_check
-
-    images = _parity_images(data, num)
-    results = {}
-    for artifact in artifacts:
-        with Detector(artifact, threads=threads, **_precision_for(artifact)) as cand:
-            with Detector(reference, imgsz=cand.imgsz) as ref:  # the reference runs at the artifact's size
-                results[str(artifact)] = parity_check(ref, cand, images)
+    images = load_sample_images(args.data or calib_dir(), args.num_images)
+    results = check_artifacts(reference, artifacts, images, threads=args.threads)
     print(f"parity against {reference} on {len(images)} images:")
     print(format_parity_table(results))
-    _write_json(json_path, {"reference": str(reference), "images": len(images),
+    _write_json(args.json, {"reference": str(reference), "images": len(images),
                             "artifacts": {k: v.to_dict() for k, v in results.items()}})
-    return results
-
-
-def _precision_for(artifact) -> dict:
-    return {"precision": "f32"} if str(artifact).endswith(".xml") else {}
+    failed = [k for k, r in results.items() if not r.passed(args.max_rel_l2, args.min_agreement)]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (budget: rel L2 <= {args.max_rel_l2:g}, "
+              f"detection agreement mAP50-95 >= {args.min_agreement:g})")
+    return {"results": results, "failed": failed}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -195,20 +188,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if rep:
         print(f"deploy graph: {len(rep['fused'])} BatchNorm folded, {len(rep['rewritten'])} hard activations "
               f"rewritten ({rep['form']} form), max relative error vs the original {rep['max_rel_error']:.1e}")
-    checkable = [p for f, p in result.artifacts.items() if f != "engine"]
+    checkable = [str(p) for f, p in result.artifacts.items() if f != "engine"]
     if args.raw or Path(weights).suffix == ".onnx" or not checkable:
         return 0
-    _print_parity(weights, [str(p) for p in checkable], args.data, args.num_images, args.threads, args.json)
-    return 0
+    return 1 if _print_parity(weights, checkable, args)["failed"] else 0
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    results = _print_parity(args.weights, args.artifacts, args.data, args.num_images, args.threads, args.json)
-    failed = [k for k, r in results.items() if not r.passed(args.max_rel_l2, args.min_agreement)]
-    if failed:
-        print(f"FAILED: {', '.join(failed)} (budget: rel L2 <= {args.max_rel_l2}, agreement >= {args.min_agreement})")
-        return 1
-    return 0
+    return 1 if _print_parity(args.weights, args.artifacts, args)["failed"] else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -242,6 +229,12 @@ def _sub(subs, name: str, help_text: str, examples_key: str | None = None) -> ar
     return p
 
 
+def _parity_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-rel-l2", type=float, default=1e-4, help="budget: relative L2 error of the output (default 1e-4)")
+    p.add_argument("--min-agreement", type=float, default=0.99,
+                   help="budget: detection agreement, mAP50-95 of the artifact's boxes vs PyTorch's (default 0.99)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeq",
@@ -255,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "info", "print a model's layer table, parameter count and GFLOPs")
     p.add_argument("model", nargs="?", help="checkpoint (.pt) or model yaml / bundled config name (default: the demo checkpoint)")
-    p.add_argument("--imgsz", type=int, help="input size for GFLOPs (default: the checkpoint's, else 640)")
+    p.add_argument("--imgsz", type=_positive_int, help="input size for GFLOPs (default: the checkpoint's, else 640)")
     p.add_argument("--nc", type=int, help="override the number of classes of a yaml")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
@@ -267,20 +260,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out_dir")
     q.add_argument("--train", type=int, default=4000, help="training images (default 4000)")
     q.add_argument("--val", type=int, default=500, help="validation images (default 500)")
-    q.add_argument("--imgsz", type=int, default=320)
+    q.add_argument("--imgsz", type=_positive_int, default=320)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_data_synth)
     q = _sub(data_subs, "calib", "write unlabeled synthetic calibration images", "data calib")
     q.add_argument("out_dir")
     q.add_argument("--num", type=int, default=256)
-    q.add_argument("--imgsz", type=int, default=320)
+    q.add_argument("--imgsz", type=_positive_int, default=320)
     q.add_argument("--seed", type=int, default=777)
     q.set_defaults(func=cmd_data_calib)
 
     p = _sub(subs, "train", "train a detector from a model yaml on a YOLO-format data set")
     p.add_argument("--cfg", default="yolov5s-mobilenetv3-small", help="model yaml or bundled config name")
     p.add_argument("--data", help="data.yaml of a YOLO-format data set")
-    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--imgsz", type=_positive_int, default=320)
     p.add_argument("--epochs", type=int, help="total epochs (default 30; with --resume, extends the run)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--optimizer", default="auto", choices=["auto", "SGD", "AdamW"])
@@ -300,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(subs, "export", "export a checkpoint to ONNX / OpenVINO IR / TensorRT engine, with parity")
     p.add_argument("weights", nargs="?", help="checkpoint, or an edgeq ONNX to build an engine from (default: demo)")
     p.add_argument("--format", default="onnx,openvino", help="comma list of onnx, openvino, engine (default onnx,openvino)")
-    p.add_argument("--imgsz", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--imgsz", type=_positive_int, help="input size (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch dimension")
     p.add_argument("--half", action="store_true", help="FP16 weights in the IR, FP16 engine")
@@ -313,18 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=16, help="images for the parity check (default 16)")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
     p.add_argument("--json", help="write the parity figures to this JSON file")
+    _parity_budget(p)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
     p.set_defaults(func=cmd_export)
 
     p = _sub(subs, "parity", "compare exported artifacts with the PyTorch model: tensors and detections")
-    p.add_argument("weights", help="the reference checkpoint (.pt)")
+    p.add_argument("weights", help="the reference: a checkpoint (.pt), or a float artifact on a device without torch")
     p.add_argument("artifacts", nargs="+", help=".onnx / .xml / .engine files to check")
     p.add_argument("--data", help="folder of images (default: the bundled calib_data/)")
     p.add_argument("--num-images", type=int, default=16)
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
-    p.add_argument("--max-rel-l2", type=float, default=1e-4, help="budget for the output's relative L2 error")
-    p.add_argument("--min-agreement", type=float, default=0.99, help="budget for detection agreement (mAP50-95)")
     p.add_argument("--json", help="write the figures to this JSON file")
+    _parity_budget(p)
     p.set_defaults(func=cmd_parity)
 
     p = _sub(subs, "run", "detect objects in images, a folder or a video with any artifact")
@@ -340,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", nargs="?", help="checkpoint (default: the demo checkpoint)")
     p.add_argument("--data", help="data.yaml or dataset folder (default: the demo validation split)")
     p.add_argument("--split", default="val")
-    p.add_argument("--imgsz", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--imgsz", type=_positive_int, help="input size (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--json", help="write mAP50, mAP50-95 and per-class figures to this JSON file")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")

@@ -73,10 +73,14 @@ def test_artifacts_compute_what_pytorch_computes(exported, checkpoint):
         assert rel < 1e-4, (path, rel)
 
 
-def test_no_rewrite_keeps_hard_ops_and_dynamic_batch(checkpoint, tmp_path):
+def test_no_rewrite_keeps_hard_ops_and_dynamic_batch(checkpoint, tmp_path, exported):
+    """The seed's h_swish is x * ReLU6(x + 3) / 6 as written: --no-rewrite keeps its Div nodes."""
     result = export_model(checkpoint, formats="onnx", out_dir=tmp_path, rewrite=False, dynamic=True)
     proto = onnx.load(str(result.artifacts["onnx"]))
-    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+    ops = [n.op_type for n in proto.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Div") >= 20
+    rewritten = [n.op_type for n in onnx.load(str(exported[0].artifacts["onnx"])).graph.node]
+    assert "Div" not in rewritten
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     out = load_backend(result.artifacts["onnx"]).infer(np.zeros((3, 3, IMGSZ, IMGSZ), np.float32))[0]
     assert out.shape[0] == 3
@@ -153,3 +157,22 @@ def test_cli_export_prints_parity_and_exits_0(checkpoint, tmp_path):
     report = json.loads((tmp_path / "parity.json").read_text())
     for entry in report["artifacts"].values():
         assert entry["outputs"][0]["rel_l2"] < 1e-4
+
+
+def test_onnx_to_ir_path_needs_no_torch(exported, tmp_path):
+    """How a device converts an edgeq ONNX: export_model('x.onnx') must not import torch."""
+    onnx_path = exported[0].artifacts["onnx"]
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from edgeq.export.pipeline import export_model\n"
+        f"r = export_model({str(onnx_path)!r}, formats='openvino', out_dir={str(tmp_path)!r})\n"
+        "print(r.artifacts['openvino'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "tiny.xml").is_file() and (tmp_path / "tiny.bin").is_file()

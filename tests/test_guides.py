@@ -23,5 +23,8 @@ def test_quickstart_script(tmp_path):
     assert len(parity["artifacts"]) == 2
     for entry in parity["artifacts"].values():
         assert entry["outputs"][0]["rel_l2"] < 1e-4
+        assert entry["agreement"]["map50_95"] >= 0.99
     assert (out / "export" / "demo-yolov5s-mnv3s-shapes.onnx").is_file()
-    assert json.loads((out / "detections" / "detections.json").read_text()) is not None
+    detections = json.loads((out / "detections" / "detections.json").read_text())
+    assert isinstance(detections, list)
+    assert (out / "detections" / "000000.jpg").is_file()

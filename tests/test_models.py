@@ -74,6 +74,8 @@ def test_residual_only_when_stride1_and_same_channels(make, expect_residual):
     y = m(x)
     # Every body here ends in BN (or SiLU(BN), and SiLU(0) = 0), so with that BN zeroed the body
     # outputs 0 and a residual block returns exactly its input.
+    flag = next(getattr(m, a) for a in ("use_res_connect", "identity", "add") if hasattr(m, a))
+    assert flag == expect_residual
     if expect_residual:
         assert torch.equal(y, x)
     else:
@@ -213,3 +215,19 @@ def test_yaml_strings_are_never_evaluated(tmp_path):
     path = _write_yaml(tmp_path, cfg)
     with pytest.raises(EdgeqError, match="bad.yaml"):
         DetectionModel(path)
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda c: c["backbone"][1].__setitem__(1, "three"), "'number' must be a positive integer"),
+        (lambda c: c["backbone"][1].__setitem__(3, []), "first argument must be the output channels"),
+        (lambda c: c["backbone"][1].__setitem__(3, 64), "'args' must be a list"),
+        (lambda c: c["backbone"][0].__setitem__(0, 5), r"'from' index 5 .*-1 \(the previous layer\)"),
+    ],
+)
+def test_malformed_rows_name_the_layer(tmp_path, edit, match):
+    cfg = _base_cfg()
+    edit(cfg)
+    with pytest.raises(EdgeqError, match=match):
+        DetectionModel(_write_yaml(tmp_path, cfg))

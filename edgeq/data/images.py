@@ -74,3 +74,13 @@ def iter_images(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, np.n
             f"Skipped {len(bad)} unreadable image file(s): {names}{more}.",
             stacklevel=2,
         )
+
+
+def load_sample_images(folder: str | Path, n: int) -> list[np.ndarray]:
+    """The first ``n`` readable images of a folder (sorted by name): a fixed, repeatable sample."""
+    if n < 1:
+        raise EdgeqError(f"the number of images must be >= 1, got {n}")
+    images = [img for _, img in iter_images(list_images(folder)[:n])]
+    if not images:
+        raise EdgeqError(f"no readable images in {folder}")
+    return images

@@ -17,12 +17,13 @@ import json
 import logging
 import warnings
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from edgeq.errors import EdgeqError
 from edgeq.utils.files import atomic_path
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger("edgeq")
 
@@ -30,7 +31,7 @@ OPSET_RANGE = (13, 20)
 DEFAULT_OPSET = 17
 
 
-def _detect_head(model: nn.Module):
+def _detect_head(model: "nn.Module"):
     from edgeq.models.common import Detect
 
     head = getattr(model, "detect", None)
@@ -53,7 +54,7 @@ def _as_hw(imgsz: int | tuple[int, int] | list[int], stride: int) -> tuple[int, 
 
 
 def export_onnx(
-    model: nn.Module,
+    model: "nn.Module",
     path: str | Path,
     *,
     imgsz: int | tuple[int, int] = 640,
@@ -66,6 +67,7 @@ def export_onnx(
 ) -> Path:
     """Export a detector; the file appears only once it is complete and checked."""
     import onnx
+    import torch
 
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         raise EdgeqError(f"--opset {opset} is not supported; use {OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})")
@@ -83,19 +85,20 @@ def export_onnx(
     previous_raw = head.raw_output
     head.raw_output = raw
     try:
-        with atomic_path(path) as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                example,
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["images"],
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                do_constant_folding=True,
-            )
+        with atomic_path(path) as tmp:
+            with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    model,
+                    example,
+                    str(tmp),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=["images"],
+                    output_names=output_names,
+                    dynamic_axes=dynamic_axes,
+                    do_constant_folding=True,
+                )
             proto = onnx.load(str(tmp))
             if simplify:
                 proto = simplify_onnx(proto)

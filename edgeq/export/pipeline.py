@@ -83,13 +83,14 @@ def export_model(
     workspace_gb: float = 2.0,
 ) -> ExportResult:
     """Export a checkpoint to the requested formats (float). See ``edgeq export --help``."""
+    fmts = parse_formats(formats)
+    if Path(str(weights)).suffix == ".onnx":  # no torch on this path: a Jetson builds its engine here
+        return _export_from_onnx(Path(weights), fmts, out_dir, half, batch, dynamic, force, workspace_gb)
+
     from edgeq.export.fuse import deploy
     from edgeq.export.onnx_export import export_onnx
     from edgeq.models.checkpoint import load_model
 
-    fmts = parse_formats(formats)
-    if Path(str(weights)).suffix == ".onnx":
-        return _export_from_onnx(Path(weights), fmts, out_dir, half, batch, dynamic, force, workspace_gb)
     loaded = load_model(weights, trust=trust)
     size = imgsz or loaded.imgsz or 640
     out = Path(out_dir) if out_dir else Path("runs/export") / Path(str(weights)).stem

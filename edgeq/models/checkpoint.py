@@ -136,6 +136,9 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        from edgeq.utils.files import default_file_mode
+
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         raise EdgeqError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -84,12 +84,19 @@ def parse_model(d: dict, ch: list[int]) -> tuple[nn.Sequential, list[int]]:
         f, n, m_name, args = row
         where = f"{source}: layer {i} ({m_name})"
         m, kind = lookup_block(str(m_name), source=f"{source}: layer {i}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise EdgeqError(f"{where}: 'number' must be a positive integer, got {n!r}")
+        if args is not None and not isinstance(args, list):
+            raise EdgeqError(f"{where}: 'args' must be a list, got {args!r}")
         args = [_resolve_arg(a, names) for a in (args or [])]
+        if kind in ("channels", "repeat") and not (args and isinstance(args[0], (int, float))):
+            raise EdgeqError(f"{where}: the first argument must be the output channels, got {args!r}")
         froms = [f] if isinstance(f, int) else list(f)
         for x in froms:
             valid = x == -1 if i == 0 else (isinstance(x, int) and -i <= x < i)
             if not valid:
-                raise EdgeqError(f"{where}: 'from' index {x!r} does not point to an earlier layer (0..{i - 1} or -1)")
+                allowed = "-1 (the previous layer)" if i == 0 else f"0..{i - 1} or -1..-{i}"
+                raise EdgeqError(f"{where}: 'from' index {x!r} does not point to an earlier layer ({allowed})")
         n = n_ = max(round(n * gd), 1) if n > 1 else n
         c_in = [ch[x] for x in froms]
 

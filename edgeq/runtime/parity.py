@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -234,3 +235,26 @@ def format_parity_table(results: dict[str, ParityResult]) -> str:
                           *(c.rjust(w) for c, w in zip(cells[2:], widths[2:]))])
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def check_artifacts(
+    reference: str | Path,
+    artifacts: Sequence[str | Path],
+    images: Sequence[np.ndarray],
+    *,
+    threads: int | None = None,
+) -> dict[str, ParityResult]:
+    """Parity of each artifact against ``reference`` (usually the .pt) on the same images.
+
+    The reference runs at each artifact's input size; OpenVINO artifacts run with an explicit
+    f32 hint, so the comparison is against float, never OpenVINO's default bf16.
+    """
+    from edgeq.runtime.detector import Detector
+
+    results: dict[str, ParityResult] = {}
+    for artifact in artifacts:
+        options = {"precision": "f32"} if str(artifact).endswith(".xml") else {}
+        with Detector(artifact, threads=threads, **options) as candidate:
+            with Detector(reference, imgsz=candidate.imgsz) as ref:
+                results[str(artifact)] = parity_check(ref, candidate, images)
+    return results

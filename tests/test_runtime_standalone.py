@@ -113,3 +113,59 @@ def test_runtime_runs_without_torch(runtime_artifacts: RuntimeArtifacts, tmp_pat
             got = np.asarray(got, np.float32).reshape(-1, 6)
             assert got.shape == want.shape, label
             np.testing.assert_allclose(got, want, atol=2e-3, rtol=0, err_msg=label)
+
+
+DEMO_CHILD = textwrap.dedent(
+    """
+    import json, sys
+
+    class NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked)")
+            return None
+
+    sys.meta_path.insert(0, NoTorch())
+    work = sys.argv[1]
+    paths = json.loads(open(work + "/paths.json").read())
+    import numpy as np
+    from edgeq.runtime import Detector
+    from edgeq.data.images import load_sample_images
+
+    images = load_sample_images(paths["images"], 4)
+    report = {}
+    for label, path, opts in (("onnxruntime", paths["onnx"], {}), ("openvino", paths["xml"], {"precision": "f32"})):
+        with Detector(path, **opts) as det:
+            raw = det.predict_raw(det.preprocess(images)[0])
+            report[label] = {"raw": raw.tolist(), "boxes": [d.tolist() for d in det(images)]}
+    report["modules"] = sorted(m for m in ("torch", "edgeq.export", "edgeq.models") if m in sys.modules)
+    print(json.dumps(report))
+    """
+)
+
+
+def test_exported_demo_artifacts_run_without_torch(tmp_path):
+    """The bundled demo model, exported by edgeq, runs on ORT and OpenVINO with torch unimportable."""
+    from edgeq.data.demo import CALIB_DIR, demo_weights
+    from edgeq.data.images import load_sample_images
+    from edgeq.export.pipeline import export_model
+
+    arts = export_model(demo_weights(), formats="onnx,openvino", out_dir=tmp_path, imgsz=320).artifacts
+    (tmp_path / "paths.json").write_text(
+        json.dumps({"onnx": str(arts["onnx"]), "xml": str(arts["openvino"]), "images": str(CALIB_DIR)})
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run(
+        [sys.executable, "-c", DEMO_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["modules"] == []
+
+    images = load_sample_images(CALIB_DIR, 4)
+    with Detector(demo_weights(), imgsz=320) as ref:
+        expected = ref.predict_raw(ref.preprocess(images)[0])
+    for label in ("onnxruntime", "openvino"):
+        got = np.asarray(report[label]["raw"], dtype=np.float32)
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-4, label
+        assert len(report[label]["boxes"]) == 4

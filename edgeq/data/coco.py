@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.data.base import LabelledImages
 from edgeq.data.images import read_image
 from edgeq.errors import EdgeqError
 
@@ -48,7 +49,7 @@ def _require_list(obj: Any, key: str, source: Path) -> list:
     return value
 
 
-class CocoDataset:
+class CocoDataset(LabelledImages):
     """Images of a COCO instances json, with boxes as ``(K, 5)`` ``cls cx cy w h`` (normalized).
 
     Crowd annotations (``iscrowd: 1``) are left out: they are regions to ignore, not objects.
@@ -163,25 +164,3 @@ class CocoDataset:
         keep = (x2 > x1) & (y2 > y1)
         out = np.stack([b[:, 0], (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h], 1)
         return out[keep].astype(np.float32)
-
-    @property
-    def nc(self) -> int:
-        return len(self.names)
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def labels(self, i: int) -> np.ndarray:
-        """Labels of image ``i`` as ``(K, 5)`` float32 ``cls cx cy w h`` (normalized), a copy."""
-        return self._labels[i].copy()
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, Path]:
-        path = self.image_paths[i]
-        img = read_image(path)
-        if img is None:
-            raise EdgeqError(f"Image {path} cannot be decoded (corrupt or not an image).")
-        return img, self._labels[i].copy(), path
-
-    def check_images(self) -> list[Path]:
-        """Decode every image; return the ones that fail."""
-        return [p for p in self.image_paths if read_image(p) is None]

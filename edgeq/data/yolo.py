@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from edgeq.data.images import IMAGE_SUFFIXES, list_images, read_image
+from edgeq.data.base import LabelledImages
+from edgeq.data.images import IMAGE_SUFFIXES, list_images
 from edgeq.errors import EdgeqError
 
 __all__ = ["DataConfig", "YoloDataset", "load_data_yaml", "label_path_for"]
@@ -202,7 +203,7 @@ def _warn_listing(message: str, paths: list[Path]) -> None:
     warnings.warn(f"{message} (e.g. {names}{more}).", stacklevel=3)
 
 
-class YoloDataset:
+class YoloDataset(LabelledImages):
     """Images + validated labels of one split of a YOLO-format dataset.
 
     ``source`` is a data.yaml, or a folder holding ``images/`` and ``labels/`` (optionally
@@ -319,27 +320,3 @@ class YoloDataset:
         if degenerate:
             warnings.warn(f"Dropped {degenerate} zero-size box(es) from the '{self.split}' labels.", stacklevel=3)
         return out
-
-    # ------------------------------------------------------------------ access
-
-    @property
-    def nc(self) -> int:
-        return len(self.names)
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def labels(self, i: int) -> np.ndarray:
-        """Labels of image ``i`` as ``(K, 5)`` float32 ``cls cx cy w h`` (normalized), a copy."""
-        return self._labels[i].copy()
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, Path]:
-        path = self.image_paths[i]
-        img = read_image(path)
-        if img is None:
-            raise EdgeqError(f"Image {path} cannot be decoded (corrupt or not an image).")
-        return img, self._labels[i].copy(), path
-
-    def check_images(self) -> list[Path]:
-        """Decode every image; return the ones that fail (slow: meant for a one-off check)."""
-        return [p for p in self.image_paths if read_image(p) is None]

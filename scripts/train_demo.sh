@@ -4,6 +4,8 @@
 # Phase 1 trains at 256 px (about twice as fast per image on a 2-core CPU), phase 2 fine-tunes
 # at the deployment size, 320 px, from phase 1's best weights.
 #   WORK=/path/to/scratch bash scripts/train_demo.sh
+# If the scratch folder was lost, INIT=edgeq/assets/demo-yolov5s-mnv3s-shapes.pt starts phase 1
+# from the bundled (interim) weights instead of from scratch.
 set -euo pipefail
 WORK=${WORK:-$HOME/edgeq-work}
 EPOCHS1=${EPOCHS1:-24}
@@ -25,6 +27,6 @@ phase() {  # phase RUN EPOCHS ARGS...: resume if started, skip if finished
   fi
   touch "$run/done"
 }
-phase "$RUN1" "$EPOCHS1" --imgsz 256 --lr0 0.001 --close-mosaic 0
+phase "$RUN1" "$EPOCHS1" --imgsz 256 --lr0 0.001 --close-mosaic 0 ${INIT:+--weights "$INIT"}
 phase "$RUN2" "$EPOCHS2" --imgsz 320 --lr0 0.0003 --close-mosaic 3 --warmup-epochs 0 --weights "$RUN1/best.pt"
 echo "demo model: $RUN2/best.pt"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, TracebackType
@@ -123,7 +124,7 @@ def import_backend_package(module: str, backend: str, install: str) -> ModuleTyp
         ) from None
 
 
-class Backend:
+class Backend(ABC):
     """Base runner: ``Backend(path).load().infer(x) -> [outputs]``, also a context manager.
 
     ``threads`` caps the CPU threads the backend uses (None: the backend's default), which
@@ -143,11 +144,13 @@ class Backend:
         self._meta = ModelMeta()
 
     # ------------------------------------------------------------------ to override
+    @abstractmethod
     def _load_impl(self) -> None:
-        raise NotImplementedError
+        """Open the artifact; fill ``_inputs``, ``_outputs`` and ``_meta``."""
 
+    @abstractmethod
     def _infer_impl(self, x: np.ndarray) -> list[np.ndarray]:
-        raise NotImplementedError
+        """Run one checked batch."""
 
     def _close_impl(self) -> None:
         """Release the session/engine; the default drops nothing."""

@@ -37,6 +37,9 @@ EXAMPLES = {
   edgeq run exported/best.onnx --source street.jpg --save out/
   edgeq run exported/best.xml --source images/ --conf 0.4 --save out/
   edgeq run best.pt --source clip.mp4 --save out/""",
+    "calibrate": """examples:
+  edgeq calibrate                               # demo checkpoint on the bundled calib_data/
+  edgeq calibrate best.pt --data images/ --num-images 300 -o best.calib.json""",
     "val": """examples:
   edgeq val                                    # demo checkpoint on the demo validation split
   edgeq val best.pt --data data.yaml --json metrics.json""",
@@ -162,6 +165,20 @@ def _print_parity(reference: str, artifacts: list[str], args: argparse.Namespace
         print(f"FAILED: {', '.join(failed)} (budget: rel L2 <= {args.max_rel_l2:g}, "
               f"detection agreement mAP50-95 >= {args.min_agreement:g})")
     return {"results": results, "failed": failed}
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgeq.data.demo import calib_dir
+    from edgeq.export.calib_table import collect
+
+    weights = _model_source(args.weights)
+    table = collect(weights, args.data or calib_dir(), num_images=args.num_images, imgsz=args.imgsz,
+                    method=args.method, trust=args.trust_checkpoint)
+    out = Path(args.output or Path(weights).with_suffix(".calib.json").name)
+    table.save(out)
+    print(f"calibrated {len(table.tensors)} tensors on {table.image_count} images at {table.imgsz}x{table.imgsz}; "
+          f"wrote {out} (default method {table.method})")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -328,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold (default 0.45)")
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
     p.set_defaults(func=cmd_run)
+
+    p = _sub(subs, "calibrate", "collect INT8 calibration statistics into a reusable table (JSON)")
+    p.add_argument("weights", nargs="?", help="checkpoint (default: the demo checkpoint)")
+    p.add_argument("--data", help="folder of calibration images (default: the bundled calib_data/)")
+    p.add_argument("--num-images", type=_positive_int, default=256, help="images to use (default 256)")
+    p.add_argument("--method", default="percentile", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="default calibrator recorded in the table (exports may choose another)")
+    p.add_argument("--imgsz", type=_positive_int, help="input size (default: the checkpoint's)")
+    p.add_argument("-o", "--output", help="table path (default: <weights>.calib.json in the current folder)")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = _sub(subs, "val", "mAP50 and mAP50-95 of a checkpoint on a labelled data set")
     p.add_argument("weights", nargs="?", help="checkpoint (default: the demo checkpoint)")

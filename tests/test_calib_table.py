@@ -97,3 +97,36 @@ def test_bad_table_files(tmp_path, content, match):
         path.write_text(content)
     with pytest.raises(EdgeqError, match=match):
         CalibrationTable.load(path)
+
+
+def test_trt_cache_names_the_float_onnx_tensors(table, checkpoint, tmp_path):
+    import onnx
+
+    from edgeq.export.calib_table import write_trt_cache
+    from edgeq.export.pipeline import export_model
+    from edgeq.export.trt_calib_cache import read_calibration_cache
+
+    onnx_path = export_model(checkpoint, formats="onnx", out_dir=tmp_path).artifacts["onnx"]
+    written = write_trt_cache(table, onnx_path, tmp_path / "calib.cache", method="minmax")
+    scales = read_calibration_cache(tmp_path / "calib.cache")
+    convs = [n for n in onnx.load(str(onnx_path)).graph.node if n.op_type == "Conv"]
+    assert set(scales) == set(written) and "images" in scales
+    assert all(n.input[0] in scales and n.output[0] in scales for n in convs)
+    assert 0.5 < written["images"] <= 1.0  # letterboxed RGB in [0, 1]
+    assert scales["images"] == pytest.approx(written["images"] / 127, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "node,path",
+    [
+        ("/model.0/conv/Conv", "model.0.conv"),
+        ("/model.1/conv/conv.0/Conv", "model.1.conv.0"),
+        ("/model.15/m/m.0/cv1/conv/Conv", "model.15.m.0.cv1.conv"),
+        ("/model.26/m.2/Conv", "model.26.m.2"),
+        ("/model.3/act/Mul", None),
+    ],
+)
+def test_conv_module_path(node, path):
+    from edgeq.export.calib_table import conv_module_path
+
+    assert conv_module_path(node) == path

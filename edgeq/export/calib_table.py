@@ -178,3 +178,59 @@ def collect(
             stacklevel=2,
         )
     return table
+
+
+def conv_module_path(node_name: str) -> str | None:
+    """'/model.1/conv/conv.0/Conv' -> 'model.1.conv.0': the module behind a Conv node.
+
+    The TorchScript exporter names scopes after *called* modules: a called container appears as
+    its own component ('conv') and its children as 'conv.0', which then replaces it.
+    """
+    if not node_name.startswith("/") or not node_name.endswith("/Conv"):
+        return None
+    parts: list[str] = []
+    for component in node_name[1 : -len("/Conv")].split("/"):
+        if parts and component.startswith(parts[-1] + "."):
+            parts[-1] = component
+        else:
+            parts.append(component)
+    return ".".join(parts)
+
+
+def write_trt_cache(
+    table: CalibrationTable, onnx_path: str | Path, cache_path: str | Path, *, method: str | None = None
+) -> dict[str, float]:
+    """A TensorRT calibration cache for the *float* ONNX, from the same statistics as the Q/DQ flavours.
+
+    TensorRT 10's implicit INT8 (older JetPack) reads per-tensor scales keyed by ONNX tensor
+    names; each Conv's input and output tensors take the amax of the matching quantization
+    points. Returns the amax written per tensor.
+    """
+    import onnx
+
+    from edgeq.export.calibrators import compute_range
+    from edgeq.export.trt_calib_cache import write_calibration_cache
+
+    method = method or table.method
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    amax: dict[str, float] = {}
+    unmatched = []
+    for node in graph.node:
+        path = conv_module_path(node.name) if node.op_type == "Conv" else None
+        if path is None:
+            continue
+        found = False
+        for side, tensor in (("input", node.input[0]), ("output", node.output[0])):
+            stats = table.tensors.get(f"{path}.{side}")
+            if stats is not None:
+                amax[tensor] = compute_range(stats, method, symmetric=True).amax
+                found = True
+        if not found:
+            unmatched.append(node.name)
+    if not amax:
+        raise EdgeqError(f"{onnx_path}: none of its Conv nodes match the calibration table's tensors",
+                         note="export the ONNX from the same checkpoint the table was calibrated on")
+    if unmatched:
+        log.warning("%d Conv node(s) of %s have no statistics (e.g. %s)", len(unmatched), onnx_path, unmatched[0])
+    write_calibration_cache(amax, cache_path)
+    return amax

@@ -4,6 +4,7 @@ GPU exist (marked ``tensorrt``, skipped with a reason elsewhere). No stand-in Te
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import sys
@@ -16,6 +17,7 @@ from edgeq.errors import EdgeqError
 from edgeq.export import trt_build as tb
 from edgeq.export import trt_calib_cache as cc
 from edgeq.export.trt_build import BuildOptions
+from edgeq.runtime.backends.tensorrt import check_engine_compatibility, read_sidecar
 
 # ---------------------------------------------------------------------------- tiny ONNX models
 
@@ -226,22 +228,25 @@ def test_sidecar_contents_and_atomic_write(tmp_path):
     engine = tmp_path / "m.engine"
     path = tb.write_sidecar(engine, data)
     assert path == tmp_path / "m.engine.json"
-    assert json.loads(path.read_text()) == data and tb.read_sidecar(engine) == data
+    assert json.loads(path.read_text()) == data and read_sidecar(engine) == data
     assert [p.name for p in tmp_path.iterdir()] == ["m.engine.json"]  # no temp file left behind
 
 
-def test_sidecar_compat():
+def test_sidecar_is_what_the_runtime_checks():
+    """The exporter's sidecar drives the runtime's version/GPU check and its rebuild advice."""
     data = _sidecar()
-    assert tb.check_sidecar_compat(data, "10.3.0.30", "Orin") is None
-    assert tb.check_sidecar_compat(data, "10.3.0.26", "Orin") is None  # another build of the same release
-    version = tb.check_sidecar_compat(data, "10.7.0.23", "Orin")
-    assert "built with TensorRT 10.3.0.30 on Orin, this machine has TensorRT 10.7.0.23 on Orin" in version
-    assert "not portable across TensorRT versions or GPUs" in version
-    assert "rebuild it on this device with `edgeq export m.onnx --format engine`" in version
-    device = tb.check_sidecar_compat(data, "10.3.0.30", "NVIDIA GeForce RTX 4090")
-    assert "on Orin, this machine has TensorRT 10.3.0.30 on NVIDIA GeForce RTX 4090" in device
-    assert device.endswith("or `trtexec --onnx=m.onnx`")
-    assert tb.check_sidecar_compat(data, "10.3.0.30", "unknown") is None  # cannot tell: do not cry wolf
+    check = functools.partial(check_engine_compatibility, data, compute_capability=(8, 7), engine="m.engine")
+    check(trt_version="10.3.0.30", device_name="Orin")
+    check(trt_version="10.3.0.26", device_name="Orin")  # another build of the same release
+    with pytest.raises(EdgeqError) as version:
+        check(trt_version="10.7.0.23", device_name="Orin")
+    assert "built for TensorRT 10.3.0.30 but this machine has TensorRT 10.7.0.23" in str(version.value)
+    assert "not portable across TensorRT versions" in str(version.value)
+    assert "with `edgeq export m.onnx --format engine`" in str(version.value)
+    with pytest.raises(EdgeqError) as device:
+        check(trt_version="10.3.0.30", device_name="NVIDIA GeForce RTX 4090")
+    assert "built for Orin (compute capability 8.7) but this machine has NVIDIA GeForce RTX 4090" in str(device.value)
+    assert str(device.value).endswith("or `trtexec --onnx=m.onnx`")
 
 
 # ---------------------------------------------------------------------------- calibration cache
@@ -344,12 +349,13 @@ class TestRealTensorRT:
         opts = BuildOptions(fp16=True, max_batch=2, timing_cache=tmp_path / "timing.cache")
         engine = tb.build_engine(onnx_path, tmp_path / "m.engine", opts)
         assert self._deserialize(engine) is not None and (tmp_path / "timing.cache").stat().st_size > 0
-        side = tb.read_sidecar(engine)
+        side = read_sidecar(engine)
         assert side["tensorrt_version"] == self.trt.__version__
-        assert tb.check_sidecar_compat(side, self.trt.__version__, side["device"]["name"]) is None
+        check_engine_compatibility(side, trt_version=self.trt.__version__, device_name=side["device"]["name"],
+                                   compute_capability=None, engine=engine)
 
     def test_explicit_int8(self, tmp_path):
         onnx_path = make_onnx(tmp_path / "m.int8-trt.onnx", qdq=True, flavour="int8-trt")
         engine = tb.build_engine(onnx_path, tmp_path / "m.engine", BuildOptions())
         assert self._deserialize(engine) is not None
-        assert tb.read_sidecar(engine)["precision"]["int8"] == "explicit"
+        assert read_sidecar(engine)["precision"]["int8"] == "explicit"

@@ -341,37 +341,6 @@ def write_sidecar(engine_path: str | Path, data: dict[str, Any]) -> Path:
     return atomic_write_text(sidecar_path(engine_path), json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_sidecar(engine_path: str | Path) -> dict[str, Any] | None:
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        raise EdgeqError(f"{path} is not valid JSON; rebuild the engine to rewrite it") from None
-
-
-def check_sidecar_compat(sidecar: dict[str, Any], trt_version: str, device_name: str) -> str | None:
-    """An error sentence when the engine was built by another TensorRT or on another GPU."""
-    built_trt = str(sidecar.get("tensorrt_version") or "unknown")
-    built_dev = (sidecar.get("device") or {}).get("name") or "unknown"
-    same_dev = "unknown" in (built_dev, device_name) or built_dev == device_name  # unknown: cannot judge
-    if _release(built_trt) == _release(trt_version) and same_dev:  # build numbers do not matter
-        return None
-    onnx_file = (sidecar.get("onnx") or {}).get("file") or "model.onnx"
-    trtexec = f" or `{sidecar['trtexec']}`" if sidecar.get("trtexec") else ""
-    return (
-        f"the engine was built with TensorRT {built_trt} on {built_dev}, this machine has TensorRT {trt_version} "
-        f"on {device_name}; engines are not portable across TensorRT versions or GPUs: rebuild it on this device "
-        f"with `edgeq export {onnx_file} --format engine`{trtexec}"
-    )
-
-
-def _release(version: str) -> tuple[str, ...]:
-    """Major.minor.patch of a TensorRT version ("10.3.0.30" -> ("10", "3", "0"))."""
-    return tuple(str(version).strip().split("."))[:3]
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -451,15 +420,15 @@ def make_cache_calibrator(trt, cache: bytes):
 
 def prepare_calibration_cache(cache_path: Path, info: OnnxIO, trt_version: str) -> bytes:
     """The cache bytes to hand TensorRT: checked against this ONNX, under this TensorRT's tag."""
-    from edgeq.export.trt_calib_cache import cache_mismatch, parse_calibration_cache, retag_calibration_cache
+    from edgeq.export.trt_calib_cache import (
+        cache_mismatch,
+        parse_calibration_cache,
+        read_cache_text,
+        retag_calibration_cache,
+    )
 
     cache_path = Path(cache_path)
-    try:
-        text = cache_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EdgeqError(f"calibration cache {cache_path} does not exist") from None
-    except UnicodeDecodeError:
-        raise EdgeqError(f"{cache_path} is not a TensorRT text calibration cache") from None
+    text = read_cache_text(cache_path)
     header, scales = parse_calibration_cache(text, str(cache_path))
     stale = cache_mismatch(scales, info.tensors, info.name)
     if stale:

@@ -121,16 +121,20 @@ def write_calibration_cache(
     return atomic_write_text(Path(path), format_calibration_cache(scales, trt_version_tag))
 
 
-def read_calibration_cache(path: str | Path) -> dict[str, float]:
-    """Per-tensor scales from a cache file (edgeq's or one TensorRT wrote)."""
+def read_cache_text(path: str | Path) -> str:
+    """A cache file's text, or one sentence saying why it cannot be read."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise EdgeqError(f"calibration cache {path} does not exist") from None
     except UnicodeDecodeError:
         raise EdgeqError(f"{path} is not a TensorRT text calibration cache") from None
-    return parse_calibration_cache(text, str(path))[1]
+
+
+def read_calibration_cache(path: str | Path) -> dict[str, float]:
+    """Per-tensor scales from a cache file (edgeq's or one TensorRT wrote)."""
+    return parse_calibration_cache(read_cache_text(path), str(path))[1]
 
 
 def retag_calibration_cache(text: str, trt_version: str) -> tuple[str, bool]:

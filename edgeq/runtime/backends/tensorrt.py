@@ -114,8 +114,18 @@ def check_engine_compatibility(
     if built:
         raise EdgeqError(
             f"{Path(engine).name} was built for {' on '.join(built)} "
-            f"but this machine has {' on '.join(here)}; {_REBUILD}"
+            f"but this machine has {' on '.join(here)}; {_REBUILD}{_rebuild_command(sidecar)}"
         )
+
+
+def _rebuild_command(sidecar: dict[str, Any]) -> str:
+    """' with `edgeq export m.onnx --format engine` or `trtexec ...`' when the sidecar names its ONNX."""
+    onnx = sidecar.get("onnx")
+    onnx_file = onnx.get("file") if isinstance(onnx, dict) else None
+    if not onnx_file:
+        return ""
+    trtexec = f" or `{sidecar['trtexec']}`" if sidecar.get("trtexec") else ""
+    return f" with `edgeq export {onnx_file} --format engine`{trtexec}"
 
 
 class TensorRTBackend(Backend):

@@ -253,6 +253,8 @@ def _parity_budget(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgeq.data import demo  # the demo recipe's numbers are the generators' defaults (stdlib-only module)
+
     parser = argparse.ArgumentParser(
         prog="edgeq",
         description="Fuse, INT8-quantize and export YOLO/MobileNetV3 detectors for ONNX Runtime, "
@@ -275,16 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     data_subs = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = _sub(data_subs, "synth", "write the seeded synthetic shapes data set in YOLO format", "data synth")
     q.add_argument("out_dir")
-    q.add_argument("--train", type=int, default=4000, help="training images (default 4000)")
-    q.add_argument("--val", type=int, default=500, help="validation images (default 500)")
-    q.add_argument("--imgsz", type=_positive_int, default=320)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--train", type=int, default=demo.DEMO_TRAIN, help=f"training images (default {demo.DEMO_TRAIN})")
+    q.add_argument("--val", type=int, default=demo.DEMO_VAL, help=f"validation images (default {demo.DEMO_VAL})")
+    q.add_argument("--imgsz", type=_positive_int, default=demo.DEMO_IMGSZ)
+    q.add_argument("--seed", type=int, default=demo.DEMO_SEED)
     q.set_defaults(func=cmd_data_synth)
     q = _sub(data_subs, "calib", "write unlabeled synthetic calibration images", "data calib")
     q.add_argument("out_dir")
-    q.add_argument("--num", type=int, default=256)
-    q.add_argument("--imgsz", type=_positive_int, default=320)
-    q.add_argument("--seed", type=int, default=777)
+    q.add_argument("--num", type=int, default=demo.CALIB_IMAGES)
+    q.add_argument("--imgsz", type=_positive_int, default=demo.DEMO_IMGSZ)
+    q.add_argument("--seed", type=int, default=demo.CALIB_SEED)
     q.set_defaults(func=cmd_data_calib)
 
     p = _sub(subs, "train", "train a detector from a model yaml on a YOLO-format data set")

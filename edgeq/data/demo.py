@@ -38,7 +38,7 @@ def demo_weights() -> Path:
     return DEMO_WEIGHTS
 
 
-def demo_data_yaml(progress: bool = True) -> Path:
+def demo_data_yaml() -> Path:
     """data.yaml of the demo validation split, generating it on first use."""
     from edgeq.data.synthetic import GENERATOR_VERSION, generate_dataset
 

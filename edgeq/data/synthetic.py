@@ -20,6 +20,8 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from edgeq.utils.files import atomic_write_text
+
 __all__ = [
     "CLASS_NAMES",
     "GENERATOR_VERSION",
@@ -511,12 +513,6 @@ def generate_split(
     return img_dir
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def generate_dataset(
     out_dir: str | os.PathLike,
     n_train: int,
@@ -538,7 +534,7 @@ def generate_dataset(
         "generator": f"edgeq.data.synthetic v{GENERATOR_VERSION} seed={seed} imgsz={imgsz}",
     }
     yaml_path = out / "data.yaml"
-    _write_atomic(yaml_path, yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(yaml_path, yaml.safe_dump(data, sort_keys=False))
     return yaml_path
 
 

@@ -118,12 +118,19 @@ def _scale_by_sixth(t: torch.Tensor, form: str) -> torch.Tensor:
     return t / 6.0 if form == "div" else t * _SIXTH
 
 
-class HardSwishDeploy(nn.Module):
-    """h-swish as ``x * ReLU6(x + 3) / 6`` in plain ops (Add, Clip, Mul), no HardSwish node."""
+class _DeployActivation(nn.Module):
+    """A hard activation spelled in plain ops; ``form`` says how the division by 6 is written."""
 
     def __init__(self, form: str = DEFAULT_FORM):
         super().__init__()
         self.form = _check_form(form)
+
+    def extra_repr(self) -> str:
+        return f"form={self.form!r}"
+
+
+class HardSwishDeploy(_DeployActivation):
+    """h-swish as ``x * ReLU6(x + 3) / 6`` in plain ops (Add, Clip, Mul), no HardSwish node."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = F.relu6(x + 3.0)
@@ -131,36 +138,19 @@ class HardSwishDeploy(nn.Module):
             return x * (gate * _SIXTH)
         return _scale_by_sixth(x * gate, self.form)
 
-    def extra_repr(self) -> str:
-        return f"form={self.form!r}"
 
-
-class HardSigmoidDeploy(nn.Module):
+class HardSigmoidDeploy(_DeployActivation):
     """h-sigmoid as ``ReLU6(x + 3) / 6`` in plain ops, no HardSigmoid node."""
-
-    def __init__(self, form: str = DEFAULT_FORM):
-        super().__init__()
-        self.form = _check_form(form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _scale_by_sixth(F.relu6(x + 3.0), self.form)
 
-    def extra_repr(self) -> str:
-        return f"form={self.form!r}"
 
-
-class HardSigmoidDeployFolded(nn.Module):
+class HardSigmoidDeployFolded(_DeployActivation):
     """h-sigmoid whose ``+3`` already sits in the producing layer's bias: ``ReLU6(z) / 6``."""
-
-    def __init__(self, form: str = DEFAULT_FORM):
-        super().__init__()
-        self.form = _check_form(form)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return _scale_by_sixth(F.relu6(z), self.form)
-
-    def extra_repr(self) -> str:
-        return f"form={self.form!r}"
 
 
 _DEPLOY_MODULES = (HardSwishDeploy, HardSigmoidDeploy, HardSigmoidDeployFolded)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,12 +87,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, total_iters: int, accumu
     for g in opt.param_groups:
         g["initial_lr"] = lr
     return opt, name
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -270,7 +263,10 @@ class Trainer:
             "best_fitness": self.best_fitness,
             "iterations": self.iterations,
         }
-        _atomic_torch_save(state, self.last_path)
+        from edgeq.utils.files import atomic_path
+
+        with atomic_path(self.last_path) as tmp:
+            torch.save(state, tmp)
 
     def _save_best(self, metrics: dict) -> None:
         from edgeq.models.checkpoint import save_checkpoint

@@ -29,7 +29,12 @@ EXAMPLES = {
   edgeq export                                 # demo checkpoint -> ONNX + OpenVINO IR, with parity
   edgeq export best.pt --format onnx,openvino,engine --imgsz 320 --out exported/
   edgeq export best.pt --dynamic --half --force
-  edgeq export model.onnx --format engine      # on a Jetson: build its own engine from the ONNX""",
+  edgeq export model.onnx --format engine      # on a Jetson: build its own engine from the ONNX
+  edgeq export best.pt --int8 --data images/ --format onnx,openvino,engine
+  edgeq export best.pt --table best.calib.json --method entropy   # re-export INT8 without images""",
+    "verify": """examples:
+  edgeq verify best.pt out/best.int8-ort.onnx out/best.int8-ov.xml --data data.yaml --max-map-drop 1.0
+  edgeq verify best.pt out/best.int8-ort.onnx --layers --json verify.json""",
     "parity": """examples:
   edgeq parity best.pt exported/best.onnx exported/best.xml
   edgeq parity best.pt exported/best.onnx --data images/ --num-images 32 --json parity.json""",
@@ -182,9 +187,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from edgeq.export.pipeline import export_model
+    from edgeq.export.pipeline import Int8Request, export_model
 
     weights = _model_source(args.weights)
+    int8 = None
+    if args.int8 or args.table:
+        from edgeq.data.demo import calib_dir
+
+        int8 = Int8Request(
+            data=Path(args.data) if args.data else (None if args.table else calib_dir()),
+            table=Path(args.table) if args.table else None,
+            method=args.method,
+            num_images=args.calib_images,
+            percentile=args.percentile,
+            exclude=tuple(x for x in (args.float_nodes or "").split(",") if x),
+            fallback=args.fallback,
+        )
     result = export_model(
         weights,
         formats=args.format,
@@ -198,17 +216,46 @@ def cmd_export(args: argparse.Namespace) -> int:
         raw=args.raw,
         force=args.force,
         trust=args.trust_checkpoint,
+        int8=int8,
     )
     for fmt, path in result.artifacts.items():
-        print(f"wrote {fmt:<8} {path}")
+        print(f"wrote {fmt:<15} {path}")
+    for key, rep in result.int8_reports.items():
+        print(f"{key}: {rep.activations} activation and {rep.weights} weight tensors quantized"
+              + (f", {len(rep.excluded)} node(s) kept float" if rep.excluded else ""))
     rep = result.deploy_report
     if rep:
         print(f"deploy graph: {len(rep['fused'])} BatchNorm folded, {len(rep['rewritten'])} hard activations "
               f"rewritten ({rep['form']} form), max relative error vs the original {rep['max_rel_error']:.1e}")
-    checkable = [str(p) for f, p in result.artifacts.items() if f != "engine"]
+    checkable = [str(p) for f, p in result.artifacts.items() if f in ("onnx", "openvino")]
     if args.raw or Path(weights).suffix == ".onnx" or not checkable:
         return 0
-    return 1 if _print_parity(weights, checkable, args)["failed"] else 0
+    failed = _print_parity(weights, checkable, args)["failed"]
+    if int8 is not None:
+        print("INT8 accuracy is judged by mAP, not by float parity budgets: run edgeq verify "
+              f"{weights} {' '.join(str(p) for k, p in result.artifacts.items() if k in ('int8-ort', 'int8-ov-ir'))}")
+    return 1 if failed else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edgeq.data.demo import calib_dir, demo_data_yaml
+    from edgeq.data.images import load_sample_images
+    from edgeq.verify import format_verify_table, verify
+
+    weights = _model_source(args.weights)
+    images = load_sample_images(args.images or calib_dir(), args.num_images) if args.num_images else []
+    report = verify(weights, args.artifacts, args.data or demo_data_yaml(), max_map_drop=args.max_map_drop,
+                    parity_images=images, layers=5 if args.layers else 0, threads=args.threads,
+                    trust=args.trust_checkpoint)
+    print(f"{report['images']} labelled images ({report['data']}); drops in mAP points (0-100), "
+          "parity against the PyTorch float model:")
+    print(format_verify_table(report))
+    _write_json(args.json, report)
+    if not report["passed"]:
+        bad = [Path(a["artifact"]).name for a in report["artifacts"] if not a["passed"]]
+        print(f"FAILED: {', '.join(bad)} lost more than {args.max_map_drop:g} mAP50-95 points")
+        return 1
+    return 0
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
@@ -321,13 +368,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="export the head's raw maps instead of decoded boxes")
     p.add_argument("--out", help="output folder (default runs/export/<weights name>)")
     p.add_argument("--force", action="store_true", help="overwrite existing artifacts")
-    p.add_argument("--data", help="images for the parity check (default: the bundled calib_data/)")
+    p.add_argument("--data", help="images for calibration (--int8) and the parity check (default: the bundled calib_data/)")
     p.add_argument("--num-images", type=int, default=16, help="images for the parity check (default 16)")
+    q = p.add_argument_group("INT8 (one calibration, a Q/DQ flavour per backend: onnx -> int8-ort, openvino -> int8-ov, "
+                             "engine -> int8-trt)")
+    q.add_argument("--int8", action="store_true", help="also write INT8 artifacts, calibrated on --data")
+    q.add_argument("--table", help="reuse this calibration table (edgeq calibrate) instead of calibrating; implies --int8")
+    q.add_argument("--method", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="calibrator (default: the table's, percentile for a new calibration)")
+    q.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
+    q.add_argument("--calib-images", type=_positive_int, default=256, help="calibration images (default 256)")
+    q.add_argument("--fallback", type=int, default=0,
+                   help="keep float the N Conv layers whose quantization costs the most SNR (default 0)")
+    q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
     p.add_argument("--json", help="write the parity figures to this JSON file")
     _parity_budget(p)
     p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
     p.set_defaults(func=cmd_export)
+
+    p = _sub(subs, "verify", "mAP, drop against float, parity and worst layers of exported (INT8) artifacts")
+    p.add_argument("weights", nargs="?", help="the float checkpoint (.pt) the artifacts came from")
+    p.add_argument("artifacts", nargs="+", help=".onnx / .xml / .engine files to score")
+    p.add_argument("--data", help="labelled data: data.yaml or dataset folder (default: the demo validation split)")
+    p.add_argument("--max-map-drop", type=float,
+                   help="budget in mAP50-95 points (0-100 scale): exit 1 when an artifact loses more")
+    p.add_argument("--layers", action="store_true", help="list the 5 layers with the lowest SNR per INT8 ONNX artifact")
+    p.add_argument("--images", help="images for parity and --layers (default: the bundled calib_data/)")
+    p.add_argument("--num-images", type=int, default=16, help="parity images (default 16; 0 skips parity)")
+    p.add_argument("--threads", type=int, help="CPU threads for the backends")
+    p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow full pickle loading (runs arbitrary code)")
+    p.set_defaults(func=cmd_verify)
 
     p = _sub(subs, "parity", "compare exported artifacts with the PyTorch model: tensors and detections")
     p.add_argument("weights", help="the reference: a checkpoint (.pt), or a float artifact on a device without torch")

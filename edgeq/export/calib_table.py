@@ -98,17 +98,47 @@ class CalibrationTable:
         )
 
     def attach(self, model, source: str = "calibration table") -> None:
-        """Give every quantization point of ``model`` its statistics; refuse a table that misses one."""
+        """Give every quantization point of a PyTorch fake-quant ``model`` its statistics.
+
+        The table is keyed by the float ONNX's tensor names; ``extra["torch_points"]`` maps each
+        PyTorch point (``model.1.conv.0.input``) to its tensor. A point the table misses is refused.
+        """
         from edgeq.export.quantize import quant_points
 
+        mapping = self.extra.get("torch_points", {})
         for point in quant_points(model):
-            stats = self.tensors.get(point.name)
+            stats = self.tensors.get(mapping.get(point.name, point.name))
             if stats is None:
                 raise EdgeqError(
                     f"{source} does not match this model: no statistics for {point.name}",
                     note="the table was computed for another model or edgeq version; run edgeq calibrate again",
                 )
             point.stats = stats
+
+    def ranges(self, method: str | None = None, *, symmetric: bool, percentile: float | None = None) -> dict:
+        """tensor -> (lo, hi, amax) chosen by a calibrator (the table's own method by default)."""
+        from edgeq.export.calibrators import compute_range
+
+        method = method or self.method
+        pct = percentile if percentile is not None else float(self.extra.get("percentile", 99.99))
+        out = {}
+        for name, stats in self.tensors.items():
+            r = compute_range(stats, method, symmetric=symmetric, percentile=pct)
+            out[name] = (r.lo, r.hi, r.amax)
+        return out
+
+
+def torch_points(onnx_model) -> dict[str, str]:
+    """PyTorch quantization-point name -> ONNX tensor, from the exporter's node names."""
+    points = {}
+    for node in onnx_model.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        path = conv_module_path(node.name)
+        if path:
+            points[f"{path}.input"] = node.input[0]
+            points[f"{path}.output"] = node.output[0]
+    return points
 
 
 def collect(
@@ -118,18 +148,23 @@ def collect(
     num_images: int = 256,
     imgsz: int | None = None,
     method: str = "percentile",
-    batch_size: int = 8,
     progress: bool = True,
     trust: bool = False,
+    float_onnx: str | Path | None = None,
 ) -> CalibrationTable:
-    """Calibrate ``weights`` on the first ``num_images`` images of ``data`` (sorted by name)."""
-    import torch
+    """Calibrate ``weights`` on the first ``num_images`` images of ``data`` (sorted by name).
+
+    Runs the float ONNX (``float_onnx``, or one exported here from the deploy graph) in ONNX
+    Runtime and observes every tensor any INT8 flavour quantizes: one calibration serves them all.
+    """
+    import tempfile
+
+    import onnx
 
     from edgeq import __version__
     from edgeq.data.images import iter_images, list_images
-    from edgeq.export.fuse import deploy
-    from edgeq.export.quantize import calibrate, insert_quant_points, quant_points
-    from edgeq.models.checkpoint import load_model
+    from edgeq.export.observe import observe_onnx
+    from edgeq.export.qdq import candidate_tensors
     from edgeq.runtime.preprocess import preprocess_batch
 
     if method not in METHODS:
@@ -141,34 +176,30 @@ def collect(
         warnings.warn(f"{data} holds {len(paths)} images, fewer than the {num_images} asked for: using all of them",
                       stacklevel=2)
     paths = paths[:num_images]
-    loaded = load_model(weights, trust=trust)
-    size = imgsz or loaded.imgsz or 640
-    model, _ = deploy(loaded.model, example_shape=(1, 3, size, size))
-    insert_quant_points(model)
+    with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
+        if float_onnx is None:
+            float_onnx, size, sha = _export_float(weights, imgsz, trust, Path(tmp) / "float.onnx")
+        else:
+            meta = _onnx_meta(float_onnx)
+            size, sha = int(json.loads(meta.get("edgeq.imgsz", "[640]"))[0]), meta.get("edgeq.source_sha256", "")
+        graph = onnx.load(str(float_onnx))
+        used: list[Path] = []
 
-    used: list[Path] = []
+        def batches():
+            for path, image in iter_images(paths):
+                used.append(path)
+                yield preprocess_batch([image], size)[0]
 
-    def batches():
-        chunk: list = []
-        for path, image in iter_images(paths):
-            used.append(path)
-            chunk.append(image)
-            if len(chunk) == batch_size:
-                yield torch.from_numpy(preprocess_batch(chunk, size)[0])
-                chunk = []
-        if chunk:
-            yield torch.from_numpy(preprocess_batch(chunk, size)[0])
-
-    seen = calibrate(model, batches(), progress=progress, total=-(-len(paths) // batch_size))
+        stats, seen = observe_onnx(float_onnx, candidate_tensors(graph), batches(), total=len(paths), progress=progress)
     table = CalibrationTable(
-        tensors={p.name: p.stats for p in quant_points(model) if p.stats is not None},
+        tensors=stats,
         method=method,
         imgsz=size,
         image_count=seen,
         image_list_sha256=image_list_hash(used),
-        model_sha256=loaded.sha256,
+        model_sha256=sha,
         edgeq_version=__version__,
-        extra={"data": str(data), "weights": Path(str(weights)).name},
+        extra={"data": str(data), "weights": Path(str(weights)).name, "torch_points": torch_points(graph)},
     )
     bad = table.degenerate()
     if bad:
@@ -180,16 +211,34 @@ def collect(
     return table
 
 
+def _onnx_meta(path) -> dict[str, str]:
+    from edgeq.export.onnx_export import read_metadata
+
+    return read_metadata(path)
+
+
+def _export_float(weights, imgsz, trust, out: Path) -> tuple[Path, int, str]:
+    from edgeq.export.fuse import deploy
+    from edgeq.export.onnx_export import export_onnx
+    from edgeq.models.checkpoint import load_model
+
+    loaded = load_model(weights, trust=trust)
+    size = imgsz or loaded.imgsz or 640
+    model, _ = deploy(loaded.model, example_shape=(1, 3, size, size))
+    export_onnx(model, out, imgsz=size, metadata={"edgeq.source_sha256": loaded.sha256})
+    return out, size, loaded.sha256
+
+
 def conv_module_path(node_name: str) -> str | None:
     """'/model.1/conv/conv.0/Conv' -> 'model.1.conv.0': the module behind a Conv node.
 
     The TorchScript exporter names scopes after *called* modules: a called container appears as
     its own component ('conv') and its children as 'conv.0', which then replaces it.
     """
-    if not node_name.startswith("/") or not node_name.endswith("/Conv"):
+    if not node_name.startswith("/") or not node_name.endswith(("/Conv", "/Gemm")):
         return None
     parts: list[str] = []
-    for component in node_name[1 : -len("/Conv")].split("/"):
+    for component in node_name[1 : node_name.rindex("/")].split("/"):
         if parts and component.startswith(parts[-1] + "."):
             parts[-1] = component
         else:
@@ -203,34 +252,21 @@ def write_trt_cache(
     """A TensorRT calibration cache for the *float* ONNX, from the same statistics as the Q/DQ flavours.
 
     TensorRT 10's implicit INT8 (older JetPack) reads per-tensor scales keyed by ONNX tensor
-    names; each Conv's input and output tensors take the amax of the matching quantization
-    points. Returns the amax written per tensor.
+    names, which are the table's keys. Returns the amax written per tensor.
     """
     import onnx
 
-    from edgeq.export.calibrators import compute_range
     from edgeq.export.trt_calib_cache import write_calibration_cache
 
-    method = method or table.method
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    amax: dict[str, float] = {}
-    unmatched = []
-    for node in graph.node:
-        path = conv_module_path(node.name) if node.op_type == "Conv" else None
-        if path is None:
-            continue
-        found = False
-        for side, tensor in (("input", node.input[0]), ("output", node.output[0])):
-            stats = table.tensors.get(f"{path}.{side}")
-            if stats is not None:
-                amax[tensor] = compute_range(stats, method, symmetric=True).amax
-                found = True
-        if not found:
-            unmatched.append(node.name)
+    names = {graph.input[0].name} | {out for node in graph.node for out in node.output}
+    ranges = table.ranges(method, symmetric=True)
+    amax = {name: r[2] for name, r in ranges.items() if name in names}
     if not amax:
-        raise EdgeqError(f"{onnx_path}: none of its Conv nodes match the calibration table's tensors",
+        raise EdgeqError(f"{onnx_path}: none of its tensors are in the calibration table",
                          note="export the ONNX from the same checkpoint the table was calibrated on")
-    if unmatched:
-        log.warning("%d Conv node(s) of %s have no statistics (e.g. %s)", len(unmatched), onnx_path, unmatched[0])
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.input[0] not in amax]
+    if convs:
+        log.warning("%d Conv input(s) of %s have no statistics (e.g. %s)", len(convs), onnx_path, convs[0].name)
     write_calibration_cache(amax, cache_path)
     return amax

@@ -323,13 +323,21 @@ def _no_statistics() -> EdgeqError:
 def _hist_state(hist: Histogram | None) -> dict[str, Any] | None:
     if hist is None:
         return None
-    return {"exponent": hist.exponent, "origin": hist.origin, "counts": hist.counts.tolist()}
+    index = np.flatnonzero(hist.counts)  # sparse: most of the 2048 bins of a tensor stay empty
+    return {"exponent": hist.exponent, "origin": hist.origin, "index": index.tolist(), "counts": hist.counts[index].tolist()}
 
 
 def _hist_from_state(state: dict[str, Any] | None, bins: int) -> Histogram | None:
     if state is None:
         return None
     counts = np.asarray(state["counts"], dtype=np.int64)
+    if "index" in state:
+        index = np.asarray(state["index"], dtype=np.int64)
+        if index.shape != counts.shape or (index.size and (index.min() < 0 or index.max() >= bins)):
+            raise ValueError(f"histogram index outside its {bins} bins")
+        dense = np.zeros(bins, dtype=np.int64)
+        dense[index] = counts
+        counts = dense
     if counts.shape != (bins,) or (counts < 0).any():
         raise ValueError(f"histogram needs {bins} non-negative counts")
     return Histogram(counts, int(state["exponent"]), int(state["origin"]))

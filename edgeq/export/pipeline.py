@@ -25,6 +25,8 @@ class ExportResult:
     deploy_report: dict = field(default_factory=dict)
     source: Path | None = None
     imgsz: tuple[int, int] | None = None
+    table: object | None = None  # the CalibrationTable an INT8 export used
+    int8_reports: dict = field(default_factory=dict)
 
 
 def parse_formats(formats: str | list[str]) -> list[str]:
@@ -81,8 +83,12 @@ def export_model(
     force: bool = False,
     trust: bool = False,
     workspace_gb: float = 2.0,
+    int8: Int8Request | None = None,
 ) -> ExportResult:
-    """Export a checkpoint to the requested formats (float). See ``edgeq export --help``."""
+    """Export a checkpoint to the requested formats; with ``int8``, also each backend's INT8 flavour.
+
+    See ``edgeq export --help``.
+    """
     fmts = parse_formats(formats)
     if Path(str(weights)).suffix == ".onnx":  # no torch on this path: a Jetson builds its engine here
         return _export_from_onnx(Path(weights), fmts, out_dir, half, batch, dynamic, force, workspace_gb)
@@ -94,7 +100,10 @@ def export_model(
     loaded = load_model(weights, trust=trust)
     size = imgsz or loaded.imgsz or 640
     out = Path(out_dir) if out_dir else Path("runs/export") / Path(str(weights)).stem
-    paths = artifact_paths(out, Path(str(weights)).stem, fmts, half)
+    stem = Path(str(weights)).stem
+    paths = artifact_paths(out, stem, fmts, half)
+    if int8 is not None:
+        paths.update(int8_paths(out, stem, fmts, int8))
     check_targets(paths, force)
 
     stride = int(max(loaded.stride)) if loaded.stride else 32
@@ -117,7 +126,91 @@ def export_model(
     )
     result = ExportResult(artifacts={"onnx": paths["onnx"]}, deploy_report=report, source=Path(str(weights)), imgsz=(size, size))
     _convert(paths, fmts, half, batch, dynamic, workspace_gb, result)
+    if int8 is not None:
+        _export_int8(weights, paths, fmts, int8, batch, dynamic, workspace_gb, trust, result)
     return result
+
+
+@dataclass
+class Int8Request:
+    """What ``edgeq export --int8`` was asked: calibrate on ``data`` or reuse ``table``."""
+
+    data: Path | None = None
+    table: Path | None = None
+    method: str | None = None
+    num_images: int = 256
+    percentile: float | None = None
+    exclude: tuple[str, ...] = ()
+    fallback: int = 0  # keep the N layers with the highest SNR cost float, per flavour
+    progress: bool = True
+
+
+INT8_FORMATS = {"onnx": "ort", "openvino": "ov", "engine": "trt"}  # target format -> the flavour it runs
+
+
+def int8_paths(out_dir: Path, stem: str, formats: list[str], request: Int8Request) -> dict[str, Path]:
+    paths: dict[str, Path] = {}
+    for fmt in formats:
+        flavour = INT8_FORMATS[fmt]
+        paths[f"int8-{flavour}"] = out_dir / f"{stem}.int8-{flavour}.onnx"
+        if fmt == "openvino":
+            paths["int8-ov-ir"] = out_dir / f"{stem}.int8-ov.xml"
+        if fmt == "engine":
+            paths["int8-trt-engine"] = out_dir / f"{stem}.int8-trt.engine"
+            paths["trt-cache"] = out_dir / f"{stem}.calib.cache"
+    if request.table is None:
+        paths["table"] = out_dir / f"{stem}.calib.json"
+    return paths
+
+
+def _default_calib() -> Path:
+    from edgeq.data.demo import calib_dir
+
+    return calib_dir()
+
+
+def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, workspace_gb, trust, result) -> None:
+    from edgeq.export.calib_table import CalibrationTable, collect, write_trt_cache
+    from edgeq.export.int8 import Int8Options, quantize_file
+
+    if request.table is not None:
+        table = CalibrationTable.load(request.table)
+    else:
+        if request.data is None:
+            raise EdgeqError("--int8 needs calibration images (--data DIR) or a table (--table FILE)")
+        table = collect(weights, request.data, num_images=request.num_images, method=request.method or "percentile",
+                        progress=request.progress, trust=trust, float_onnx=paths["onnx"])
+        if request.percentile is not None:
+            table.extra["percentile"] = request.percentile
+        result.artifacts["table"] = table.save(paths["table"])
+    result.table = table
+    for fmt in fmts:
+        flavour = INT8_FORMATS[fmt]
+        key = f"int8-{flavour}"
+        opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude)
+        if request.fallback:
+            from edgeq.data.images import load_sample_images
+            from edgeq.export.int8 import sensitive_nodes
+
+            images = load_sample_images(request.data or _default_calib(), 8)
+            worst = sensitive_nodes(paths["onnx"], table, flavour, images, request.fallback, opts)
+            log.info("%s: keeping float %s", key, ", ".join(f"{r['node']} (adds noise/signal {r['added_nsr']:.3f})" for r in worst))
+            opts.exclude = tuple(request.exclude) + tuple(r["node"] for r in worst)
+        path, report = quantize_file(paths["onnx"], table, flavour, paths[key], opts)
+        result.artifacts[key] = path
+        result.int8_reports[key] = report
+        if fmt == "openvino":
+            from edgeq.export.openvino_export import export_openvino
+
+            result.artifacts["int8-ov-ir"] = export_openvino(path, paths["int8-ov-ir"])
+        if fmt == "engine":
+            from edgeq.export.trt_build import BuildOptions, build_engine
+
+            result.artifacts["trt-cache"] = paths["trt-cache"]
+            write_trt_cache(table, paths["onnx"], paths["trt-cache"], method=request.method)
+            max_batch = max(batch, 8) if dynamic else batch
+            opts_trt = BuildOptions(int8=True, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch, max_batch=max_batch)
+            result.artifacts["int8-trt-engine"] = build_engine(path, paths["int8-trt-engine"], opts_trt)
 
 
 def _export_from_onnx(onnx_path: Path, fmts, out_dir, half, batch, dynamic, force, workspace_gb) -> ExportResult:

@@ -1,0 +1,90 @@
+"""Observe activation statistics on the float ONNX graph with ONNX Runtime.
+
+Calibration runs the exported float model itself, not a re-implementation of it: the tensors
+observed are the graph's own tensors, by the names the Q/DQ flavours and TensorRT's cache use.
+Memory stays bounded: every tensor is folded into a histogram and dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.export.calibrators import TensorStats
+
+
+def observe_onnx(
+    onnx_path: str | Path,
+    tensors: list[str],
+    batches: Iterable[np.ndarray],
+    *,
+    total: int | None = None,
+    progress: bool = True,
+    threads: int | None = None,
+) -> tuple[dict[str, TensorStats], int]:
+    """Histograms of ``tensors`` over ``batches`` (N, 3, H, W float32); returns (stats, images seen)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from tqdm import tqdm
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    input_name = graph.input[0].name
+    produced = {out for node in graph.node for out in node.output}
+    unknown = [t for t in tensors if t not in produced and t != input_name]
+    if unknown:
+        raise EdgeqError(f"{onnx_path} has no tensor named {unknown[0]}")
+    present = {o.name for o in graph.output}
+    fetch = [t for t in tensors if t != input_name]
+    for name in fetch:
+        if name not in present:
+            graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    stats = {name: TensorStats() for name in tensors}
+    seen = 0
+    for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        values = session.run(fetch, {input_name: batch})
+        if input_name in stats:
+            stats[input_name].update(batch)
+        for name, value in zip(fetch, values):
+            stats[name].update(value)
+        seen += batch.shape[0]
+    if seen == 0:
+        raise EdgeqError("calibration saw no images")
+    return stats, seen
+
+
+_SESSIONS: dict[tuple[str, tuple[str, ...]], object] = {}
+
+
+def run_with_outputs(onnx_path: str | Path, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
+    """The values of ``names`` (intermediate tensors) for one batch; sessions are cached per file."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    key = (str(Path(onnx_path).resolve()), tuple(names))
+    session = _SESSIONS.get(key)
+    if session is None:
+        model = onnx.load(str(onnx_path))
+        present = {o.name for o in model.graph.output}
+        for name in names:
+            if name not in present:
+                model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        while len(_SESSIONS) >= 4:  # keep a few large sessions alive, not every one ever made
+            _SESSIONS.pop(next(iter(_SESSIONS)))
+        _SESSIONS[key] = session
+    return session.run(names, {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)})

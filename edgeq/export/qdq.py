@@ -1,0 +1,424 @@
+"""Q/DQ placement on the float ONNX graph: one calibration, one graph per backend.
+
+The backends fuse different Q/DQ patterns into integer kernels, so each INT8 flavour is a
+:class:`Policy`: which op types are quantized, on which inputs, whether their outputs are, and
+in which number format. The rules are data (:data:`POLICIES`); :func:`quantize_onnx` applies
+one to a float ONNX with ranges from a calibration table.
+
+Always, whatever the flavour:
+
+* the detection decode (every node after the last convolution: sigmoid, grid and anchor
+  arithmetic, the final concat) stays float; the head convolutions get quantized inputs and
+  weights and float outputs (:func:`decode_nodes`);
+* weights are int8, symmetric, per output channel, range [-127, 127] (TensorRT's rule);
+* a tensor gets at most one Q/DQ pair, shared by all its consumers, so a residual branch or a
+  Concat input is quantized once with one scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+WEIGHTED = {"Conv": 1, "Gemm": 1}  # op -> index of its weight input
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """What a flavour quantizes around one op type."""
+
+    inputs: tuple[int, ...] | str = (0,)  # activation inputs to quantize, or "all"
+    output: bool = False  # quantize the op's output too (whole DQ -> op -> Q units)
+    constants: bool = False  # quantize constant (non-weight) inputs, e.g. Add's +3
+    # "input": the input tensor takes the output's scale (a ReLU/Clip then disappears into the
+    # saturating Q before it); "output": the output keeps the input's scale (MaxPool, Resize run
+    # on int8 only when both sides agree).
+    tie: str | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    flavour: str
+    backend: str
+    activations: str  # "int8" (symmetric, zero point 0), "uint8" (asymmetric) or "auto8" (uint8 zp 0 when >= 0, else int8)
+    rules: dict[str, OpRule]
+    quantize_bias: bool = False  # int32 bias with scale = input scale x weight scale (ONNX Runtime's QLinearConv)
+    head_outputs: bool = False  # quantize the head convolutions' outputs (the decode after them stays float)
+    note: str = ""
+
+
+_ELEMENTWISE_ALL = OpRule(inputs="all", output=True, constants=True)
+
+POLICIES: dict[str, Policy] = {
+    # TensorRT explicit quantization: Q/DQ on the inputs of the layers that run in int8; the
+    # builder propagates and fuses the rest. Symmetric int8 only, zero point 0.
+    "trt": Policy(
+        "trt", "tensorrt", "int8",
+        {"Conv": OpRule((0,)), "Gemm": OpRule((0,))},
+        note="int8 symmetric, Q/DQ on Conv/Gemm inputs only (TensorRT explicit quantization)",
+    ),
+    # ONNX Runtime's CPU provider turns DQ -> op -> Q units into QLinear* kernels; a unit that is
+    # not closed by a Q on its output stays float, so every op on the path is quantized.
+    "ort": Policy(
+        "ort", "onnxruntime", "uint8",
+        {
+            "Conv": OpRule((0,), output=True),
+            "Gemm": OpRule((0,), output=True),
+            "Add": _ELEMENTWISE_ALL,
+            "Mul": _ELEMENTWISE_ALL,
+            "Sigmoid": OpRule((0,), output=True),
+            "Clip": OpRule((0,), output=True, tie="input"),
+            "Relu": OpRule((0,), output=True, tie="input"),
+            "Concat": OpRule("all", output=True),
+            "GlobalAveragePool": OpRule((0,), output=True),
+            "MaxPool": OpRule((0,), output=True, tie="output"),
+            "Resize": OpRule((0,), output=True, tie="output"),
+        },
+        quantize_bias=True,
+        head_outputs=True,
+        note="uint8 asymmetric activations, whole DQ -> op -> Q units (ONNX Runtime QLinear kernels)",
+    ),
+    # OpenVINO: measured on the demo model at 320 (docs/BENCHMARKS.md): Q/DQ on Conv/MatMul
+    # inputs only ran as fast as adding Add/Concat inputs and faster than NNCF's graph, with
+    # fewer rounding points; uint8 with zero point 0 on non-negative tensors (ReLU, images).
+    "ov": Policy(
+        "ov", "openvino", "auto8",
+        {"Conv": OpRule((0,)), "Gemm": OpRule((0,))},
+        note="int8 (uint8 where non-negative) on Conv/MatMul inputs (OpenVINO low-precision transformations)",
+    ),
+}
+
+FLAVOURS = tuple(POLICIES)
+
+
+def policy_for(flavour: str) -> Policy:
+    name = flavour.removeprefix("int8-")
+    if name not in POLICIES:
+        raise EdgeqError(f"unknown INT8 flavour {flavour!r}", note=f"choose from {', '.join(FLAVOURS)}")
+    return POLICIES[name]
+
+
+# --------------------------------------------------------------------------- graph facts
+
+
+def constants(graph) -> dict[str, np.ndarray]:
+    """Initializers and Constant-node outputs by name."""
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def decode_nodes(graph) -> set[str]:
+    """Names of the nodes after the last convolution: the detection decode, never quantized.
+
+    A node is part of the decode when it is not a Conv and no Conv/Gemm is reachable from it.
+    """
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds_conv: dict[str, bool] = {}
+
+    def reaches_conv(node) -> bool:
+        if node.name in feeds_conv:
+            return feeds_conv[node.name]
+        feeds_conv[node.name] = False  # cycle guard (ONNX graphs are acyclic)
+        result = any(
+            nxt.op_type in WEIGHTED or reaches_conv(nxt) for out in node.output for nxt in consumers.get(out, [])
+        )
+        feeds_conv[node.name] = result
+        return result
+
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(graph.node) + 100))
+    try:
+        return {n.name for n in graph.node if n.op_type not in WEIGHTED and n.op_type != "Constant" and not reaches_conv(n)}
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@dataclass
+class Plan:
+    """The tensors one flavour quantizes in one graph."""
+
+    policy: Policy
+    activations: list[str] = field(default_factory=list)  # tensors getting a shared Q/DQ pair
+    constants: dict[str, list[str]] = field(default_factory=dict)  # node -> constant inputs to quantize
+    weighted: list[str] = field(default_factory=list)  # nodes whose weights go int8
+    excluded: list[str] = field(default_factory=list)  # nodes kept float on request
+    ties: list[tuple[str, str]] = field(default_factory=list)  # (tensor, tensor whose scale it takes)
+
+
+def plan(model, policy: Policy | str, exclude: set[str] | frozenset[str] = frozenset()) -> Plan:
+    """Apply a policy's rules to ``model``'s graph: what gets quantized (nothing is changed yet)."""
+    policy = policy_for(policy) if isinstance(policy, str) else policy
+    graph = model.graph
+    consts = constants(graph)
+    decode = decode_nodes(graph)
+    graph_outputs = {o.name for o in graph.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    result = Plan(policy)
+    chosen: dict[str, None] = {}
+    for node in graph.node:
+        rule = policy.rules.get(node.op_type)
+        if rule is None or node.name in decode:
+            continue
+        if node.name in exclude:
+            result.excluded.append(node.name)
+            continue
+        indices = range(len(node.input)) if rule.inputs == "all" else rule.inputs
+        weight_index = WEIGHTED.get(node.op_type)
+        for i in indices:
+            if i >= len(node.input) or not node.input[i] or i == weight_index:
+                continue
+            name = node.input[i]
+            if name in consts:
+                if rule.constants and node.op_type not in ("Clip",):
+                    result.constants.setdefault(node.name, []).append(name)
+                continue
+            chosen[name] = None
+        if weight_index is not None:
+            if node.input[weight_index] not in consts:
+                raise EdgeqError(f"{node.name}: its weight {node.input[weight_index]} is not a constant; cannot quantize it")
+            result.weighted.append(node.name)
+        if rule.output or (policy.head_outputs and node.op_type in WEIGHTED):
+            out = node.output[0]
+            users = consumers.get(out, [])
+            into_decode = any(u.name in decode for u in users)
+            if out not in graph_outputs and users and (policy.head_outputs or not into_decode):
+                chosen[out] = None
+                if rule.tie == "output":
+                    result.ties.append((out, node.input[0]))
+                elif rule.tie == "input" and len(consumers.get(node.input[0], [])) == 1:
+                    result.ties.append((node.input[0], out))
+    result.activations = list(chosen)
+    return result
+
+
+def candidate_tensors(model) -> list[str]:
+    """Every activation any flavour may quantize: what one calibration must observe."""
+    names: dict[str, None] = {}
+    for policy in POLICIES.values():
+        for name in plan(model, policy).activations:
+            names[name] = None
+    return list(names)
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def activation_params(lo: float, hi: float, amax: float, mode: str) -> tuple[float, int, str]:
+    """(scale, zero point, dtype) of an activation tensor for a policy's number format."""
+    from edgeq.export.calibrators import asymmetric_uint8, symmetric_int8
+
+    if mode == "int8":
+        scale, zp = symmetric_int8(amax)
+        return scale, zp, "int8"
+    if mode == "uint8":
+        scale, zp = asymmetric_uint8(lo, hi)
+        return scale, zp, "uint8"
+    if mode == "auto8":  # non-negative tensors (after ReLU, clip, sigmoid) get all 256 levels
+        if lo >= 0:
+            scale, _ = asymmetric_uint8(0.0, hi)
+            return scale, 0, "uint8"
+        scale, zp = symmetric_int8(amax)
+        return scale, zp, "int8"
+    raise ValueError(f"unknown activation format {mode!r}")
+
+
+def _per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    w = np.moveaxis(weight.astype(np.float32), axis, 0).reshape(weight.shape[axis], -1)
+    scale = np.maximum(np.abs(w).max(axis=1) / 127.0, np.finfo(np.float32).eps).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+# --------------------------------------------------------------------------- rewriting
+
+
+@dataclass
+class QuantizeReport:
+    flavour: str
+    activations: int = 0
+    weights: int = 0
+    constants: int = 0
+    excluded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def quantize_onnx(
+    model,
+    ranges: dict[str, tuple[float, float, float]],
+    policy: Policy | str,
+    *,
+    exclude: set[str] | frozenset[str] = frozenset(),
+):
+    """Return a copy of float ``model`` with Q/DQ pairs placed by ``policy``.
+
+    ``ranges``: tensor name -> (lo, hi, amax) chosen by a calibrator. A tensor the plan needs
+    and ``ranges`` lacks is an error naming it (the table belongs to another model).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    policy = policy_for(policy) if isinstance(policy, str) else policy
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    the_plan = plan(model, policy, exclude)
+    missing = [t for t in the_plan.activations if t not in ranges]
+    if missing:
+        raise EdgeqError(
+            f"the calibration table does not match this model: no range for tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            note="calibrate this model again (edgeq calibrate), or pass the table made for it",
+        )
+    consts = constants(graph)
+    dtypes = {"int8": (TensorProto.INT8, np.int8), "uint8": (TensorProto.UINT8, np.uint8)}
+    report = QuantizeReport(policy.flavour, excluded=list(the_plan.excluded))
+    new_inits: list = []
+    new_nodes: dict[int, list] = {}  # insert before node index
+    params: dict[str, tuple[float, int, str]] = {}
+
+    def scalar_params(name: str, scale: float, zp: int, dtype: str) -> tuple[str, str]:
+        s_name, z_name = f"{name}_scale", f"{name}_zero_point"
+        new_inits.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
+        new_inits.append(numpy_helper.from_array(np.array(zp, dtype=dtypes[dtype][1]), z_name))
+        return s_name, z_name
+
+    # 1. activations: one Q -> DQ pair per tensor, all consumers (but excluded nodes) rewired
+    producer_index = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    rewire: dict[str, str] = {}
+    for tensor in the_plan.activations:
+        lo, hi, amax = ranges[tensor]
+        params[tensor] = activation_params(lo, hi, amax, policy.activations)
+    for tensor, source in _resolve_ties(the_plan.ties):
+        if tensor in params and source in params:
+            params[tensor] = params[source]
+    for tensor in the_plan.activations:
+        scale, zp, dtype = params[tensor]
+        s_name, z_name = scalar_params(tensor, scale, zp, dtype)
+        q = helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [f"{tensor}_quantized"], name=f"{tensor}_QuantizeLinear")
+        dq = helper.make_node("DequantizeLinear", [f"{tensor}_quantized", s_name, z_name], [f"{tensor}_dequantized"],
+                              name=f"{tensor}_DequantizeLinear")
+        at = producer_index.get(tensor, -1) + 1  # right after the producer (graph inputs: first)
+        new_nodes.setdefault(at, []).extend([q, dq])
+        rewire[tensor] = f"{tensor}_dequantized"
+        report.activations += 1
+    excluded = set(the_plan.excluded)
+    for node in graph.node:
+        if node.name in excluded:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                node.input[i] = rewire[name]
+
+    # 2. weights (int8 per channel) and, for whole-unit flavours, int32 biases
+    by_name = {node.name: (i, node) for i, node in enumerate(graph.node)}
+    for node_name in the_plan.weighted:
+        index, node = by_name[node_name]
+        w_name = node.input[1]
+        weight = consts[w_name]
+        axis = 0
+        if node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 0 if trans_b else 1
+        q, scale = _per_channel(weight, axis)
+        base = f"{node_name}_weight"
+        new_inits += [
+            numpy_helper.from_array(q, f"{base}_quantized"),
+            numpy_helper.from_array(scale, f"{base}_scale"),
+            numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zero_point"),
+        ]
+        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
+                              [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", axis=axis)
+        new_nodes.setdefault(index, []).append(dq)
+        node.input[1] = f"{base}_dequantized"
+        report.weights += 1
+        source = _source_tensor(node.input[0], rewire)
+        if policy.quantize_bias and len(node.input) > 2 and node.input[2] in consts and source in params:
+            bias = consts[node.input[2]].astype(np.float64)
+            b_scale = (params[source][0] * scale.astype(np.float64)).astype(np.float32)
+            b_q = np.clip(np.round(bias / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            b_base = f"{node_name}_bias"
+            new_inits += [
+                numpy_helper.from_array(b_q, f"{b_base}_quantized"),
+                numpy_helper.from_array(b_scale, f"{b_base}_scale"),
+                numpy_helper.from_array(np.zeros(b_scale.shape, np.int32), f"{b_base}_zero_point"),
+            ]
+            new_nodes[index].append(helper.make_node(
+                "DequantizeLinear", [f"{b_base}_quantized", f"{b_base}_scale", f"{b_base}_zero_point"],
+                [f"{b_base}_dequantized"], name=f"{b_base}_DequantizeLinear", axis=0))
+            node.input[2] = f"{b_base}_dequantized"
+
+    # 3. constant operands of elementwise ops (Add's +3, Mul's 1/6 ...)
+    for node_name, names in the_plan.constants.items():
+        index, node = by_name[node_name]
+        for name in names:
+            value = consts[name].astype(np.float32)
+            lo, hi = float(min(value.min(), 0.0)), float(max(value.max(), 0.0))
+            scale, zp, dtype = activation_params(lo, hi, max(abs(lo), abs(hi)), policy.activations)
+            qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
+            q = np.clip(np.round(value / scale) + zp, qmin, qmax).astype(dtypes[dtype][1])
+            base = f"{node_name}_{name}".replace("/", "_")
+            new_inits.append(numpy_helper.from_array(q, f"{base}_quantized"))
+            s_name, z_name = scalar_params(base, scale, zp, dtype)
+            dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", s_name, z_name], [f"{base}_dequantized"],
+                                  name=f"{base}_DequantizeLinear")
+            new_nodes.setdefault(index, []).append(dq)
+            node.input[list(node.input).index(name)] = f"{base}_dequantized"
+            report.constants += 1
+
+    ordered = []
+    for i, node in enumerate(graph.node):
+        ordered.extend(new_nodes.get(i, []))
+        ordered.append(node)
+    ordered.extend(new_nodes.get(len(graph.node), []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(new_inits)
+    _drop_unused_initializers(graph)
+    if model.opset_import[0].version < 13:
+        raise EdgeqError(f"per-channel Q/DQ needs opset >= 13, the float ONNX has {model.opset_import[0].version}")
+    return model, report
+
+
+def _resolve_ties(ties: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Follow chains (a takes b's scale, b takes c's) to their end; sources first."""
+    target = dict(ties)
+
+    def root(name: str) -> str:
+        seen = set()
+        while name in target and name not in seen:
+            seen.add(name)
+            name = target[name]
+        return name
+
+    return [(tensor, root(tensor)) for tensor in target]
+
+
+def _source_tensor(name: str, rewire: dict[str, str]) -> str:
+    for src, dst in rewire.items():
+        if dst == name:
+            return src
+    return name
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

@@ -1,0 +1,207 @@
+"""``edgeq verify``: what quantization (or any export) cost, per backend, against the float model.
+
+For every artifact: mAP50 and mAP50-95 on labelled data through the one preprocessing and NMS
+path, the drop against the PyTorch float checkpoint in mAP points (0-100 scale), tensor parity
+and detection agreement on sample images, and optionally the layers that lose the most (SNR of
+every Conv output against the float ONNX). A drop above the budget fails the run.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+
+@dataclass
+class ArtifactScore:
+    artifact: str
+    backend: str
+    flavour: str
+    map50: float
+    map50_95: float
+    drop50: float  # mAP points (0-100 scale) lost against float
+    drop50_95: float
+    parity: dict = field(default_factory=dict)
+    worst_layers: list[dict] = field(default_factory=list)
+    passed: bool = True
+
+
+def _artifact_options(path: str) -> dict:
+    return {"precision": "f32"} if path.endswith(".xml") else {}
+
+
+def evaluate_artifact(path: str, dataset, *, threads: int | None = None, progress: bool = True) -> dict:
+    from edgeq.runtime.detector import Detector
+    from edgeq.runtime.evaluate import evaluate
+
+    with Detector(path, threads=threads, **_artifact_options(path)) as det:
+        if len(det.names) != len(dataset.names):
+            raise EdgeqError(f"{path} predicts {len(det.names)} classes but the data set has {len(dataset.names)}")
+        batch = det.backend.inputs[0].shape[0] if det.backend.inputs[0].is_static(0) else 8
+        result = evaluate(det.predict_raw, dataset, det.imgsz[0], list(dataset.names), batch_size=batch,
+                          progress=progress)
+        result["backend"] = det.backend.name
+        result["imgsz"] = det.imgsz[0]
+        result["flavour"] = det.backend.meta.flavour
+    return result
+
+
+def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[np.ndarray], imgsz: int) -> list[dict]:
+    """Per Conv of ``quant_onnx``: SNR (dB) of its output against the float model, and the noise
+    it adds (noise-to-signal ratio of the output minus that of its input: the error this layer
+    introduces, not what it inherits). Sorted by SNR, worst first.
+    """
+    import onnx
+
+    from edgeq.export.observe import run_with_outputs
+    from edgeq.runtime.preprocess import preprocess_batch
+
+    qgraph = onnx.load(str(quant_onnx), load_external_data=False).graph
+    fgraph = onnx.load(str(float_onnx), load_external_data=False).graph
+    fnames = {out for n in fgraph.node for out in n.output} | {fgraph.input[0].name}
+    convs = []
+    for n in qgraph.node:
+        src = n.input[0].removesuffix("_dequantized") if n.input else ""
+        if n.op_type == "Conv" and n.output[0] in fnames and src in fnames:
+            convs.append((n.name, n.input[0], src, n.output[0]))
+    if not convs:
+        raise EdgeqError(f"{quant_onnx} shares no Conv tensor with the float model; is it an edgeq export?")
+    fetch_q = list(dict.fromkeys([c[1] for c in convs] + [c[3] for c in convs]))
+    fetch_f = [name.removesuffix("_dequantized") for name in fetch_q]
+    signal = np.zeros(len(fetch_q))
+    noise = np.zeros(len(fetch_q))
+    for image in images:
+        batch = preprocess_batch([image], imgsz)[0]
+        ref = run_with_outputs(float_onnx, [n for n in fetch_f if n != fgraph.input[0].name], batch)
+        ref_map = dict(zip([n for n in fetch_f if n != fgraph.input[0].name], ref))
+        ref_map[fgraph.input[0].name] = batch
+        got = run_with_outputs(quant_onnx, [n for n in fetch_q if n != qgraph.input[0].name], batch)
+        got_map = dict(zip([n for n in fetch_q if n != qgraph.input[0].name], got))
+        got_map[qgraph.input[0].name] = batch
+        for i, (fq, ff) in enumerate(zip(fetch_q, fetch_f)):
+            r = ref_map[ff].astype(np.float64)
+            signal[i] += float(np.square(r).sum())
+            noise[i] += float(np.square(r - got_map[fq]).sum())
+    snr = {name: (math.inf if n == 0 else 10 * math.log10(max(s, 1e-30) / n)) for name, s, n in zip(fetch_q, signal, noise)}
+    rows = []
+    for node, q_in, _, out in convs:
+        s_in, s_out = snr[q_in], snr[out]
+        added = 10 ** (-s_out / 10) - 10 ** (-s_in / 10)  # inf SNR -> 0 noise
+        rows.append({"node": node, "tensor": out, "snr_db": s_out, "input_snr_db": s_in, "added_nsr": added})
+    return sorted(rows, key=lambda r: r["snr_db"])
+
+
+def _float_onnx_for(weights: str, imgsz: int, out: Path, trust: bool) -> Path:
+    from edgeq.export.calib_table import _export_float
+
+    path, _, _ = _export_float(weights, imgsz, trust, out)
+    return path
+
+
+def _onnx_of(artifact: str) -> Path | None:
+    """The QDQ ONNX an artifact was built from (itself, or the IR's sibling of the same stem)."""
+    p = Path(artifact)
+    if p.suffix == ".onnx":
+        return p
+    sibling = p.with_suffix(".onnx")
+    return sibling if sibling.exists() else None
+
+
+def verify(
+    weights: str | Path,
+    artifacts: Sequence[str | Path],
+    data: str | Path,
+    *,
+    max_map_drop: float | None = None,
+    parity_images: Sequence[np.ndarray] = (),
+    layers: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+    trust: bool = False,
+) -> dict:
+    """Score ``artifacts`` against the float ``weights`` on the labelled ``data``; see the module doc."""
+    from edgeq.data.yolo import YoloDataset
+    from edgeq.runtime.parity import check_artifacts
+    from edgeq.validate import evaluate_model
+
+    if not artifacts:
+        raise EdgeqError("verify needs at least one artifact (.onnx, .xml, .engine)")
+    for a in artifacts:
+        if not Path(a).exists():
+            raise EdgeqError(f"{a} does not exist")
+    dataset = YoloDataset(data, split="val")
+    references: dict[int, dict] = {}  # the float model, at each artifact's input size
+
+    def reference_at(size: int) -> dict:
+        if size not in references:
+            references[size] = evaluate_model(weights, dataset, imgsz=size, trust=trust, progress=progress)
+        return references[size]
+
+    scores: list[ArtifactScore] = []
+    parity = check_artifacts(weights, [str(a) for a in artifacts], list(parity_images), threads=threads) if parity_images else {}
+    with tempfile.TemporaryDirectory(prefix="edgeq-verify-") as tmp:
+        float_onnx = None
+        for artifact in map(str, artifacts):
+            result = evaluate_artifact(artifact, dataset, threads=threads, progress=progress)
+            reference = reference_at(result["imgsz"])
+            score = ArtifactScore(
+                artifact=artifact,
+                backend=result["backend"],
+                flavour=result["flavour"],
+                map50=result["map50"],
+                map50_95=result["map50_95"],
+                drop50=100.0 * (reference["map50"] - result["map50"]),
+                drop50_95=100.0 * (reference["map50_95"] - result["map50_95"]),
+                parity=parity[artifact].to_dict() if artifact in parity else {},
+            )
+            if layers and parity_images and result["flavour"].startswith("int8"):
+                qonnx = _onnx_of(artifact)
+                if qonnx is not None:
+                    float_onnx = float_onnx or _float_onnx_for(str(weights), reference["imgsz"], Path(tmp) / "float.onnx", trust)
+                    score.worst_layers = layer_snr(float_onnx, qonnx, list(parity_images)[:8], reference["imgsz"])[:layers]
+            if max_map_drop is not None:
+                score.passed = score.drop50_95 <= max_map_drop
+            scores.append(score)
+    first = next(iter(references.values()))
+    return {
+        "weights": str(weights),
+        "data": str(data),
+        "images": first["images"],
+        "float": {"map50": first["map50"], "map50_95": first["map50_95"], "imgsz": next(iter(references))},
+        "float_by_imgsz": {str(k): {"map50": v["map50"], "map50_95": v["map50_95"]} for k, v in references.items()},
+        "max_map_drop": max_map_drop,
+        "artifacts": [s.__dict__ for s in scores],
+        "passed": all(s.passed for s in scores),
+    }
+
+
+def format_verify_table(report: dict) -> str:
+    rows = [("artifact", "backend", "flavour", "mAP50", "mAP50-95", "drop50", "drop50-95", "rel L2", "agree50-95", "verdict")]
+    f = report["float"]
+    rows.append(("float (PyTorch)", "torch", "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-", ""))
+    for s in report["artifacts"]:
+        out = (s["parity"].get("outputs") or [{}])[0]
+        agree = s["parity"].get("agreement") or {}
+        verdict = "" if report["max_map_drop"] is None else ("ok" if s["passed"] else "FAIL")
+        rows.append((
+            Path(s["artifact"]).name, s["backend"], s["flavour"], f"{s['map50']:.4f}", f"{s['map50_95']:.4f}",
+            f"{s['drop50']:+.2f}", f"{s['drop50_95']:+.2f}",
+            f"{out['rel_l2']:.2e}" if "rel_l2" in out else "-",
+            f"{agree['map50_95']:.4f}" if "map50_95" in agree else "-", verdict,
+        ))
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for s in report["artifacts"]:
+        if s["worst_layers"]:
+            lines.append(f"\nworst layers of {Path(s['artifact']).name} (SNR of the Conv output vs float):")
+            lines += [f"  {r['snr_db']:6.1f} dB  (adds noise/signal {r['added_nsr']:.3f})  {r['node']}"
+                      for r in s["worst_layers"]]
+    return "\n".join(lines)

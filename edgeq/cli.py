@@ -222,7 +222,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {fmt:<15} {path}")
     for key, rep in result.int8_reports.items():
         print(f"{key}: {rep.activations} activation and {rep.weights} weight tensors quantized"
-              + (f", {len(rep.excluded)} node(s) kept float" if rep.excluded else ""))
+              + (f", {len(rep.excluded)} node(s) kept float" if rep.excluded else "")
+              + (f", {len(rep.float_tensors)} sensitive tensor(s) left float" if rep.float_tensors else ""))
     rep = result.deploy_report
     if rep:
         print(f"deploy graph: {len(rep['fused'])} BatchNorm folded, {len(rep['rewritten'])} hard activations "
@@ -242,9 +243,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from edgeq.data.images import load_sample_images
     from edgeq.verify import format_verify_table, verify
 
+    artifacts = list(args.artifacts)
+    if args.weights and Path(args.weights).suffix in (".onnx", ".xml", ".engine"):
+        artifacts.insert(0, args.weights)  # no checkpoint given: the demo's artifacts
+        args.weights = None
     weights = _model_source(args.weights)
     images = load_sample_images(args.images or calib_dir(), args.num_images) if args.num_images else []
-    report = verify(weights, args.artifacts, args.data or demo_data_yaml(), max_map_drop=args.max_map_drop,
+    report = verify(weights, artifacts, args.data or demo_data_yaml(), max_map_drop=args.max_map_drop,
                     parity_images=images, layers=5 if args.layers else 0, threads=args.threads,
                     trust=args.trust_checkpoint)
     print(f"{report['images']} labelled images ({report['data']}); drops in mAP points (0-100), "
@@ -379,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     q.add_argument("--calib-images", type=_positive_int, default=256, help="calibration images (default 256)")
     q.add_argument("--fallback", type=int, default=0,
-                   help="keep float the N Conv layers whose quantization costs the most SNR (default 0)")
+                   help="leave float the N activation tensors whose quantization alone disturbs the head the most "
+                        "(sensitivity analysis on 4 calibration images; default 0)")
     q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
     p.add_argument("--json", help="write the parity figures to this JSON file")
@@ -388,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = _sub(subs, "verify", "mAP, drop against float, parity and worst layers of exported (INT8) artifacts")
-    p.add_argument("weights", nargs="?", help="the float checkpoint (.pt) the artifacts came from")
+    p.add_argument("weights", nargs="?", help="the float checkpoint (.pt) the artifacts came from (default: demo)")
     p.add_argument("artifacts", nargs="+", help=".onnx / .xml / .engine files to score")
     p.add_argument("--data", help="labelled data: data.yaml or dataset folder (default: the demo validation split)")
     p.add_argument("--max-map-drop", type=float,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from edgeq.errors import EdgeqError
 from edgeq.export.calib_table import CalibrationTable
+import numpy as np
+
 from edgeq.export.qdq import QuantizeReport, policy_for, quantize_onnx
 
 DEFAULT_METHOD = "percentile"
@@ -21,7 +23,8 @@ DEFAULT_METHOD = "percentile"
 class Int8Options:
     method: str | None = None  # calibrator; the table's own by default
     percentile: float | None = None
-    exclude: tuple[str, ...] = ()  # ONNX node names kept float (sensitivity fallback)
+    exclude: tuple[str, ...] = ()  # ONNX node names kept float (--float-nodes)
+    float_tensors: tuple[str, ...] = ()  # activations left unquantized (sensitivity fallback)
 
 
 def flavour_ranges(table: CalibrationTable, flavour: str, opts: Int8Options) -> dict[str, tuple[float, float, float]]:
@@ -46,7 +49,8 @@ def quantize_file(
     opts = opts or Int8Options()
     policy = policy_for(flavour)
     model = onnx.load(str(float_onnx))
-    q, report = quantize_onnx(model, flavour_ranges(table, flavour, opts), policy, exclude=set(opts.exclude))
+    q, report = quantize_onnx(model, flavour_ranges(table, flavour, opts), policy, exclude=set(opts.exclude),
+                              float_tensors=set(opts.float_tensors))
     props = {p.key: p.value for p in q.metadata_props}
     props.update({
         "edgeq.flavour": f"int8-{policy.flavour}",
@@ -57,6 +61,7 @@ def quantize_file(
             "image_list_sha256": table.image_list_sha256,
             "placement": policy.note,
             "float_nodes": list(opts.exclude),
+            "float_tensors": list(opts.float_tensors),
         }),
     })
     del q.metadata_props[:]
@@ -72,27 +77,64 @@ def quantize_file(
     return out_path, report
 
 
-def sensitive_nodes(
+def head_tensors(graph) -> list[str]:
+    """The head convolutions' outputs: what the decode turns into boxes and scores."""
+    from edgeq.export.qdq import decode_nodes
+
+    decode = decode_nodes(graph)
+    feeds = {name: n for n in graph.node if n.name in decode for name in n.input}
+    return [n.output[0] for n in graph.node if n.op_type == "Conv" and n.output[0] in feeds]
+
+
+def tensor_sensitivity(
     float_onnx: str | Path,
     table: CalibrationTable,
     flavour: str,
     images,
-    count: int,
     opts: Int8Options | None = None,
+    *,
+    progress: bool = True,
 ) -> list[dict]:
-    """The ``count`` Conv layers whose quantization adds the most noise on ``images``.
+    """How much quantizing each activation tensor alone disturbs the head's outputs, worst first.
 
-    Added noise = noise-to-signal ratio of the layer's output minus that of its input, both
-    against the float graph: what the layer itself adds, not the error it inherits. These are
-    the layers to keep float first.
+    For every tensor the flavour quantizes, a graph with only that tensor quantized runs on
+    ``images``; the score is the noise-to-signal ratio it causes at the head convolutions'
+    outputs (summed over the three scales). Per-tensor scales fail where one tensor mixes
+    channels of very different ranges; this finds those tensors, whatever the calibrator.
     """
-    import tempfile
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from tqdm import tqdm
 
+    from edgeq.export.observe import run_with_outputs
     from edgeq.export.onnx_export import read_metadata
-    from edgeq.verify import layer_snr
+    from edgeq.export.qdq import plan
+    from edgeq.runtime.preprocess import preprocess_batch
 
+    opts = opts or Int8Options()
+    policy = policy_for(flavour)
+    model = onnx.load(str(float_onnx))
+    heads = head_tensors(model.graph)
     size = int(json.loads(read_metadata(float_onnx).get("edgeq.imgsz", "[640]"))[0])
-    with tempfile.TemporaryDirectory(prefix="edgeq-sens-") as tmp:
-        quant, _ = quantize_file(float_onnx, table, flavour, Path(tmp) / "q.onnx", opts)
-        rows = layer_snr(float_onnx, quant, images, size)
-    return sorted(rows, key=lambda r: -r["added_nsr"])[:count]
+    batches = [preprocess_batch([im], size)[0] for im in images]
+    refs = [run_with_outputs(float_onnx, heads, b) for b in batches]
+    ranges = flavour_ranges(table, flavour, opts)
+    conv_inputs = {n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    tensors = [t for t in plan(model, policy, set(opts.exclude)).activations if t in conv_inputs]
+    session_opts = ort.SessionOptions()
+    session_opts.log_severity_level = 3
+    rows = []
+    for tensor in tqdm(tensors, desc=f"sensitivity int8-{policy.flavour}", unit="tensor", disable=not progress):
+        q, _ = quantize_onnx(model, ranges, policy, only_tensors={tensor}, weights=False)
+        present = {o.name for o in q.graph.output}
+        q.graph.output.extend(helper.make_tensor_value_info(h, TensorProto.FLOAT, None) for h in heads if h not in present)
+        session = ort.InferenceSession(q.SerializeToString(), session_opts, providers=["CPUExecutionProvider"])
+        signal = noise = 0.0
+        for batch, ref in zip(batches, refs):
+            got = session.run(heads, {session.get_inputs()[0].name: batch})
+            for r, g in zip(ref, got):
+                signal += float(np.square(r, dtype=np.float64).sum())
+                noise += float(np.square(r.astype(np.float64) - g).sum())
+        rows.append({"tensor": tensor, "nsr": noise / max(signal, 1e-30)})
+    return sorted(rows, key=lambda r: -r["nsr"])

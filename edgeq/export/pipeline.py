@@ -141,7 +141,7 @@ class Int8Request:
     num_images: int = 256
     percentile: float | None = None
     exclude: tuple[str, ...] = ()
-    fallback: int = 0  # keep the N layers with the highest SNR cost float, per flavour
+    fallback: int = 0  # leave the N most sensitive activation tensors float, per flavour
     progress: bool = True
 
 
@@ -190,12 +190,14 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
         opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude)
         if request.fallback:
             from edgeq.data.images import load_sample_images
-            from edgeq.export.int8 import sensitive_nodes
+            from edgeq.export.int8 import tensor_sensitivity
 
-            images = load_sample_images(request.data or _default_calib(), 8)
-            worst = sensitive_nodes(paths["onnx"], table, flavour, images, request.fallback, opts)
-            log.info("%s: keeping float %s", key, ", ".join(f"{r['node']} (adds noise/signal {r['added_nsr']:.3f})" for r in worst))
-            opts.exclude = tuple(request.exclude) + tuple(r["node"] for r in worst)
+            images = load_sample_images(request.data or _default_calib(), 4)
+            worst = tensor_sensitivity(paths["onnx"], table, flavour, images, opts, progress=request.progress)
+            worst = worst[: request.fallback]
+            log.info("%s: %d most sensitive tensors left float: %s", key, len(worst),
+                     ", ".join(f"{r['tensor']} (NSR {r['nsr']:.1e})" for r in worst))
+            opts.float_tensors = tuple(r["tensor"] for r in worst)
         path, report = quantize_file(paths["onnx"], table, flavour, paths[key], opts)
         result.artifacts[key] = path
         result.int8_reports[key] = report

@@ -61,7 +61,9 @@ POLICIES: dict[str, Policy] = {
         note="int8 symmetric, Q/DQ on Conv/Gemm inputs only (TensorRT explicit quantization)",
     ),
     # ONNX Runtime's CPU provider turns DQ -> op -> Q units into QLinear* kernels; a unit that is
-    # not closed by a Q on its output stays float, so every op on the path is quantized.
+    # not closed by a Q on its output stays float, so every op on the path is quantized. The
+    # head convolutions' outputs (box and score logits) stay float: quantizing them cost 2.4
+    # mAP50-95 points on the demo model (docs/BENCHMARKS.md) for three small 1x1 convolutions.
     "ort": Policy(
         "ort", "onnxruntime", "uint8",
         {
@@ -78,7 +80,6 @@ POLICIES: dict[str, Policy] = {
             "Resize": OpRule((0,), output=True, tie="output"),
         },
         quantize_bias=True,
-        head_outputs=True,
         note="uint8 asymmetric activations, whole DQ -> op -> Q units (ONNX Runtime QLinear kernels)",
     ),
     # OpenVINO: measured on the demo model at 320 (docs/BENCHMARKS.md): Q/DQ on Conv/MatMul
@@ -158,8 +159,14 @@ class Plan:
     ties: list[tuple[str, str]] = field(default_factory=list)  # (tensor, tensor whose scale it takes)
 
 
-def plan(model, policy: Policy | str, exclude: set[str] | frozenset[str] = frozenset()) -> Plan:
-    """Apply a policy's rules to ``model``'s graph: what gets quantized (nothing is changed yet)."""
+def plan(
+    model, policy: Policy | str, exclude: set[str] | frozenset[str] = frozenset(), only: set[str] | None = None
+) -> Plan:
+    """Apply a policy's rules to ``model``'s graph: what gets quantized (nothing is changed yet).
+
+    ``exclude``: node names kept float; ``only``: if given, every other node is kept float (used
+    to measure one layer's effect in isolation).
+    """
     policy = policy_for(policy) if isinstance(policy, str) else policy
     graph = model.graph
     consts = constants(graph)
@@ -175,7 +182,7 @@ def plan(model, policy: Policy | str, exclude: set[str] | frozenset[str] = froze
         rule = policy.rules.get(node.op_type)
         if rule is None or node.name in decode:
             continue
-        if node.name in exclude:
+        if node.name in exclude or (only is not None and node.name not in only):
             result.excluded.append(node.name)
             continue
         indices = range(len(node.input)) if rule.inputs == "all" else rule.inputs
@@ -257,7 +264,7 @@ class QuantizeReport:
     weights: int = 0
     constants: int = 0
     excluded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    float_tensors: list[str] = field(default_factory=list)
 
 
 def quantize_onnx(
@@ -266,8 +273,16 @@ def quantize_onnx(
     policy: Policy | str,
     *,
     exclude: set[str] | frozenset[str] = frozenset(),
+    only: set[str] | None = None,
+    float_tensors: set[str] | frozenset[str] = frozenset(),
+    only_tensors: set[str] | None = None,
+    weights: bool = True,
 ):
     """Return a copy of float ``model`` with Q/DQ pairs placed by ``policy``.
+
+    ``exclude``/``only`` select nodes (see :func:`plan`); ``float_tensors`` are activations left
+    without Q/DQ (the sensitivity fallback), ``only_tensors`` restricts activations to these, and
+    ``weights=False`` leaves every weight float (both to measure one tensor in isolation).
 
     ``ranges``: tensor name -> (lo, hi, amax) chosen by a calibrator. A tensor the plan needs
     and ``ranges`` lacks is an error naming it (the table belongs to another model).
@@ -278,7 +293,13 @@ def quantize_onnx(
     policy = policy_for(policy) if isinstance(policy, str) else policy
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    the_plan = plan(model, policy, exclude)
+    the_plan = plan(model, policy, exclude, only)
+    the_plan.activations = [
+        t for t in the_plan.activations if t not in float_tensors and (only_tensors is None or t in only_tensors)
+    ]
+    if not weights:
+        the_plan.weighted = []
+    report_float = sorted(set(float_tensors))
     missing = [t for t in the_plan.activations if t not in ranges]
     if missing:
         raise EdgeqError(
@@ -288,7 +309,7 @@ def quantize_onnx(
         )
     consts = constants(graph)
     dtypes = {"int8": (TensorProto.INT8, np.int8), "uint8": (TensorProto.UINT8, np.uint8)}
-    report = QuantizeReport(policy.flavour, excluded=list(the_plan.excluded))
+    report = QuantizeReport(policy.flavour, excluded=list(the_plan.excluded), float_tensors=report_float)
     new_inits: list = []
     new_nodes: dict[int, list] = {}  # insert before node index
     params: dict[str, tuple[float, int, str]] = {}

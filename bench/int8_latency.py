@@ -1,0 +1,145 @@
+"""INT8 speed-ups against float and against the peers' INT8, all runners interleaved in one run.
+
+Per model: ONNX Runtime fp32 / edgeq int8-ort / ``quantize_static`` (QDQ, uint8 activations,
+int8 per-channel weights: its fastest configuration here), and OpenVINO f32 (explicit
+``INFERENCE_PRECISION_HINT=f32``) / edgeq int8-ov / ``nncf.quantize`` defaults. Every INT8 model
+is calibrated from the same float ONNX and the same calib_data/ images. NNCF is a
+benchmark-only dependency: ``pip install -r bench/requirements-peers.txt``.
+
+    python bench/int8_latency.py                      # demo model at 320 + seed small at 640
+    python bench/int8_latency.py --runs 100 --json int8_latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import measure, random_checkpoint  # noqa: E402
+
+
+def calibration_batches(imgsz: int, count: int):
+    from edgeq.data.demo import calib_dir
+    from edgeq.data.images import load_sample_images
+    from edgeq.runtime.preprocess import preprocess_batch
+
+    return [preprocess_batch([im], imgsz)[0] for im in load_sample_images(calib_dir(), count)]
+
+
+def ort_quantize_static(float_onnx: Path, out: Path, batches) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"images": x}
+
+    quantize_static(str(float_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    return out
+
+
+def nncf_quantize(float_onnx: Path, out: Path, batches) -> Path:
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(float_onnx))
+    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+    ov.save_model(quantized, str(out))
+    return out
+
+
+def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: int) -> tuple[dict, dict]:
+    from edgeq.export.pipeline import Int8Request, export_model
+    from edgeq.runtime.backends import load_backend
+
+    timings = {}
+    t0 = time.perf_counter()
+    res = export_model(weights, formats="onnx,openvino", out_dir=folder, imgsz=imgsz, force=True,
+                       int8=Int8Request(num_images=calib_images, progress=False, data=_calib()))
+    timings["edgeq export (calibration + both flavours)"] = time.perf_counter() - t0
+    arts = res.artifacts
+    batches = calibration_batches(imgsz, calib_images)
+    t0 = time.perf_counter()
+    qs = ort_quantize_static(arts["onnx"], folder / "quantize_static.onnx", batches)
+    timings["quantize_static"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    nn = nncf_quantize(arts["onnx"], folder / "nncf.xml", batches)
+    timings["nncf.quantize"] = time.perf_counter() - t0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runners = {
+            "ONNX Runtime fp32": load_backend(arts["onnx"], threads=threads),
+            "ONNX Runtime, edgeq int8-ort": load_backend(arts["int8-ort"], threads=threads),
+            "ONNX Runtime, quantize_static (QDQ u8/s8 per-channel)": load_backend(qs, threads=threads),
+            "OpenVINO f32": load_backend(arts["openvino"], threads=threads, precision="f32"),
+            "OpenVINO, edgeq int8-ov": load_backend(arts["int8-ov-ir"], threads=threads, precision="f32"),
+            "OpenVINO, nncf.quantize defaults": load_backend(nn, threads=threads, precision="f32"),
+        }
+    return runners, timings
+
+
+def _calib() -> Path:
+    from edgeq.data.demo import calib_dir
+
+    return calib_dir()
+
+
+def table(title: str, medians: dict[str, float]) -> str:
+    base = {"ONNX Runtime": medians["ONNX Runtime fp32"], "OpenVINO": medians["OpenVINO f32"]}
+    peer = {"ONNX Runtime": medians["ONNX Runtime, quantize_static (QDQ u8/s8 per-channel)"],
+            "OpenVINO": medians["OpenVINO, nncf.quantize defaults"]}
+    lines = [f"**{title}**", "", "| runner | median ms | vs float, same backend | vs peer INT8, same backend |",
+             "|---|---|---|---|"]
+    for name, ms in medians.items():
+        backend = "OpenVINO" if name.startswith("OpenVINO") else "ONNX Runtime"
+        lines.append(f"| {name} | {ms:.1f} | {ms / base[backend]:.2f}x | {ms / peer[backend]:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+
+    import nncf
+    import onnxruntime
+    import openvino
+
+    from edgeq.data.demo import demo_weights
+
+    print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads; onnxruntime "
+          f"{onnxruntime.__version__}, openvino {openvino.__version__}, nncf {nncf.__version__}; median of {args.runs} "
+          f"interleaved runs after {args.warmup} warm-up, batch 1; {args.calib_images} calibration images\n")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for model, imgsz in ((str(demo_weights()), 320), ("yolov5s-mobilenetv3-small", 640)):
+            weights = Path(model) if model.endswith(".pt") else random_checkpoint(model, imgsz, folder)
+            runners, timings = build(weights, imgsz, args.threads, folder / weights.stem, args.calib_images)
+            medians = measure(runners, imgsz, args.runs, args.warmup)
+            title = f"{Path(model).name} at {imgsz}x{imgsz}"
+            results[title] = {"medians_ms": medians, "build_s": timings}
+            print(table(title, medians))
+            print("build wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + "\n", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""INT8 flavours on the float ONNX: the graphs each backend needs, run by the real backends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from edgeq.errors import EdgeqError
+from edgeq.export.calib_table import CalibrationTable, collect
+from edgeq.export.int8 import Int8Options, quantize_file, tensor_sensitivity
+from edgeq.export.pipeline import Int8Request, export_model
+from edgeq.export.qdq import decode_nodes
+from edgeq.models.checkpoint import save_checkpoint
+from edgeq.models.yolo import DetectionModel
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    for p in sorted(Path("calib_data").glob("*.jpg"))[:8]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, images):
+    """A random-weight MobileNetV3-YOLO exported float + INT8 for ONNX Runtime and OpenVINO."""
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5s-mobilenetv3-small", nc=3).eval()
+    for m in model.modules():  # non-trivial BN statistics, so every layer has a real range
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    root = tmp_path_factory.mktemp("int8")
+    ckpt = save_checkpoint(model, root / "m.pt", names=["a", "b", "c"], imgsz=S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export_model(ckpt, formats="onnx,openvino", out_dir=root / "out",
+                              int8=Int8Request(data=images, num_images=8, progress=False))
+    return ckpt, result
+
+
+def _values(proto) -> dict[str, np.ndarray]:
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node if n.op_type == "Constant"})
+    return values
+
+
+def test_artifacts_name_their_flavour_in_file_name_and_metadata(exported):
+    from edgeq.export.onnx_export import read_metadata
+    from edgeq.export.openvino_export import read_rt_info
+
+    _, result = exported
+    names = {k: p.name for k, p in result.artifacts.items()}
+    assert names["int8-ort"] == "m.int8-ort.onnx" and names["int8-ov-ir"] == "m.int8-ov.xml"
+    assert names["table"] == "m.calib.json"
+    assert read_metadata(result.artifacts["int8-ort"])["edgeq.flavour"] == "int8-ort"
+    assert read_metadata(result.artifacts["onnx"])["edgeq.flavour"] == "float"
+    assert read_rt_info(result.artifacts["int8-ov-ir"])["edgeq.flavour"] == "int8-ov"
+    recorded = json.loads(read_metadata(result.artifacts["int8-ort"])["edgeq.int8"])
+    assert recorded["method"] == "percentile" and recorded["images"] == 8
+
+
+def test_trt_flavour_follows_tensorrt_explicit_quantization_rules(exported, tmp_path):
+    _, result = exported
+    table = result.table
+    path, report = quantize_file(result.artifacts["onnx"], table, "trt", tmp_path / "m.int8-trt.onnx")
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert proto.opset_import[0].version >= 13
+    values = _values(proto)
+    nodes = proto.graph.node
+    qs = [n for n in nodes if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in nodes if n.op_type == "DequantizeLinear"]
+    assert qs and dqs and report.weights > 0
+    for n in qs + dqs:  # int8, zero point 0 everywhere
+        zp = values[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+    weight_dqs = [n for n in dqs if n.input[0] in values]  # constant int8 weights, per output channel
+    assert len(weight_dqs) == report.weights
+    for n in weight_dqs:
+        w = values[n.input[0]]
+        assert w.dtype == np.int8 and w.min() >= -127
+        axis = next(a.i for a in n.attribute if a.name == "axis")
+        assert axis == 0 and values[n.input[1]].shape == (w.shape[0],)
+    for n in qs:  # activations: per-tensor scales
+        assert values[n.input[1]].shape == ()
+    # every Conv reads a dequantized input and weight; nothing in the decode is quantized
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    produced_by = {o: n for n in nodes for o in n.output}
+    assert all(produced_by[c.input[0]].op_type == "DequantizeLinear" for c in convs)
+    assert all(produced_by[c.input[1]].op_type == "DequantizeLinear" for c in convs)
+    float_proto = onnx.load(str(result.artifacts["onnx"]))
+    decode = decode_nodes(float_proto.graph)
+    decode_tensors = {t for n in float_proto.graph.node if n.name in decode for t in (*n.input, *n.output)}
+    assert decode and not any(n.input[0] in decode_tensors for n in qs)
+    # head convs: quantized inputs, float outputs
+    head = [c for c in convs if any(cons.name in decode for cons in float_proto.graph.node if c.output[0] in cons.input)]
+    assert len(head) == 3
+    assert not any(q.input[0] == h.output[0] for q in qs for h in head)
+
+
+def test_ort_flavour_fuses_into_integer_kernels(exported, tmp_path):
+    import onnxruntime as ort
+
+    _, result = exported
+    proto = onnx.load(str(result.artifacts["int8-ort"]))
+    zps = [_values(proto)[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == np.uint8 for z in zps)  # asymmetric uint8 activations
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(result.artifacts["int8-ort"]), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    convs = sum(op == "Conv" for op in ops)
+    assert ops.count("QLinearConv") > 10 * max(convs, 1)  # nearly every Conv runs as an integer kernel
+
+
+def test_int8_artifacts_run_close_to_float_on_their_backends(exported, images):
+    from edgeq.data.images import load_sample_images
+    from edgeq.runtime.parity import check_artifacts
+
+    ckpt, result = exported
+    sample = load_sample_images(images, 4)
+    res = check_artifacts(ckpt, [str(result.artifacts["int8-ort"]), str(result.artifacts["int8-ov-ir"])], sample)
+    for label, r in res.items():
+        cosine = r.outputs[0]["cosine"]
+        assert 0.98 < cosine < 1.0, (label, cosine)  # quantized (not identical), yet close
+
+
+def test_openvino_refuses_quietly_running_the_ort_flavour(exported):
+    from edgeq.runtime.backends import FlavourWarning, load_backend
+
+    _, result = exported
+    with pytest.warns(FlavourWarning, match="onnxruntime"):
+        load_backend(result.artifacts["int8-ort"], backend="openvino").close()
+
+
+def test_table_reuse_gives_the_same_graph_and_other_models_are_refused(exported, tmp_path):
+    _, result = exported
+    table = CalibrationTable.load(result.table.save(tmp_path / "t.json"))
+    a, _ = quantize_file(result.artifacts["onnx"], result.table, "ort", tmp_path / "a.onnx")
+    b, _ = quantize_file(result.artifacts["onnx"], table, "ort", tmp_path / "b.onnx")
+    ga, gb = onnx.load(str(a)).graph, onnx.load(str(b)).graph
+    assert [n.op_type for n in ga.node] == [n.op_type for n in gb.node]
+    va, vb = _values(onnx.load(str(a))), _values(onnx.load(str(b)))
+    assert all(np.array_equal(va[k], vb[k]) for k in va)
+
+    other = DetectionModel("yolov5n", nc=3).eval()
+    ckpt = save_checkpoint(other, tmp_path / "n.pt", names=["a", "b", "c"], imgsz=S)
+    float_other = export_model(ckpt, formats="onnx", out_dir=tmp_path / "n").artifacts["onnx"]
+    with pytest.raises(EdgeqError, match=r"does not match this model: no range for tensor images|no range for tensor /model"):
+        quantize_file(float_other, table, "ort", tmp_path / "n.int8-ort.onnx")
+
+
+def test_fallback_leaves_the_most_sensitive_tensors_float(exported, images, tmp_path):
+    from edgeq.data.images import load_sample_images
+
+    _, result = exported
+    ranked = tensor_sensitivity(result.artifacts["onnx"], result.table, "ov", load_sample_images(images, 2), progress=False)
+    assert len(ranked) > 10 and ranked[0]["nsr"] >= ranked[-1]["nsr"] and ranked[0]["nsr"] > 0
+    keep = tuple(r["tensor"] for r in ranked[:3])
+    path, report = quantize_file(result.artifacts["onnx"], result.table, "ov", tmp_path / "f.onnx",
+                                 Int8Options(float_tensors=keep))
+    quantized = {n.input[0] for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantized & set(keep) and report.float_tensors == sorted(keep)
+    full, _ = quantize_file(result.artifacts["onnx"], result.table, "ov", tmp_path / "g.onnx")
+    all_q = {n.input[0] for n in onnx.load(str(full)).graph.node if n.op_type == "QuantizeLinear"}
+    assert all_q - quantized == set(keep)
+
+
+def test_empty_calibration_folder_is_refused(exported, tmp_path):
+    ckpt, _ = exported
+    with pytest.raises(EdgeqError, match=tmp_path.name):
+        collect(ckpt, tmp_path, progress=False)

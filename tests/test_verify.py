@@ -1,0 +1,55 @@
+"""edgeq verify: the mAP budget fails a badly calibrated INT8 model and passes the default one."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeq.cli import main
+from edgeq.data.demo import DEMO_WEIGHTS
+from edgeq.data.synthetic import generate_dataset
+
+STEM = DEMO_WEIGHTS.stem
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """120 labelled in-domain images (the demo generator, validation seed)."""
+    return generate_dataset(tmp_path_factory.mktemp("val"), 0, 120, imgsz=320, seed=0)
+
+
+def _export(out, *extra):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main(["export", "--int8", "--format", "onnx", "--imgsz", "320", "--out", str(out), "--num-images", "4",
+                     *extra])
+
+
+def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
+    assert _export(tmp_path / "good") == 0
+    # bad: minmax on one image that looks nothing like the deployment data (uniform noise)
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    cv2.imwrite(str(noise / "noise.png"), np.random.default_rng(0).integers(0, 256, (320, 320, 3), dtype=np.uint8))
+    assert _export(tmp_path / "bad", "--data", str(noise), "--calib-images", "1", "--method", "minmax") == 0
+    reports = {}
+    for name in ("good", "bad"):
+        artifact = tmp_path / name / f"{STEM}.int8-ort.onnx"
+        rc = main(["verify", str(DEMO_WEIGHTS), str(artifact), "--data", str(data), "--max-map-drop", "1.0",
+                   "--num-images", "0", "--json", str(tmp_path / f"{name}.json")])
+        reports[name] = (rc, json.loads((tmp_path / f"{name}.json").read_text()))
+    good_rc, good = reports["good"]
+    bad_rc, bad = reports["bad"]
+    assert good["float"]["map50_95"] > 0.2  # a trained model, so a drop can show
+    assert good_rc == 0 and good["passed"] and good["artifacts"][0]["drop50_95"] <= 1.0
+    assert bad_rc == 1 and not bad["passed"] and bad["artifacts"][0]["drop50_95"] > 1.0
+    assert bad["artifacts"][0]["flavour"] == "int8-ort"
+
+
+def test_verify_reports_worst_layers_and_refuses_missing_artifacts(data, tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "missing.onnx"), "--data", str(data)]) == 1
+    assert "missing.onnx does not exist" in capsys.readouterr().err

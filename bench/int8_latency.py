@@ -3,7 +3,8 @@
 Per model: ONNX Runtime fp32 / edgeq int8-ort / ``quantize_static`` (QDQ, uint8 activations,
 int8 per-channel weights: its fastest configuration here), and OpenVINO f32 (explicit
 ``INFERENCE_PRECISION_HINT=f32``) / edgeq int8-ov / ``nncf.quantize`` defaults. Every INT8 model
-is calibrated from the same float ONNX and the same calib_data/ images. NNCF is a
+is calibrated from the same float ONNX and the same calib_data/ images. ONNX Runtime's threads
+do not spin between runs (they would steal the cores from the runner timed next). NNCF is a
 benchmark-only dependency: ``pip install -r bench/requirements-peers.txt``.
 
     python bench/int8_latency.py                      # demo model at 320 + seed small at 640
@@ -67,8 +68,20 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
     t0 = time.perf_counter()
     res = export_model(weights, formats="onnx,openvino", out_dir=folder, imgsz=imgsz, force=True,
                        int8=Int8Request(num_images=calib_images, progress=False, data=_calib()))
-    timings["edgeq export (calibration + both flavours)"] = time.perf_counter() - t0
+    timings["edgeq export (calibration, sensitivity, both flavours)"] = time.perf_counter() - t0
     arts = res.artifacts
+    from edgeq.export.int8 import quantize_file
+
+    from edgeq.data.images import load_sample_images
+    from edgeq.export.int8 import Int8Options, tensor_sensitivity
+    from edgeq.export.openvino_export import export_openvino
+
+    # the defaults are in arts; the other fallback settings from the same table
+    no_fb = {"ov": quantize_file(arts["onnx"], res.table, "ov", folder / "fb0.int8-ov.onnx")[0]}
+    no_fb["ov"] = export_openvino(no_fb["ov"], no_fb["ov"].with_suffix(".xml"))
+    ranked = tensor_sensitivity(arts["onnx"], res.table, "ort", load_sample_images(_calib(), 4), progress=False)
+    no_fb["ort"] = quantize_file(arts["onnx"], res.table, "ort", folder / "fb16.int8-ort.onnx",
+                                 Int8Options(float_tensors=tuple(r["tensor"] for r in ranked[:16])))[0]
     batches = calibration_batches(imgsz, calib_images)
     t0 = time.perf_counter()
     qs = ort_quantize_static(arts["onnx"], folder / "quantize_static.onnx", batches)
@@ -79,11 +92,14 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runners = {
-            "ONNX Runtime fp32": load_backend(arts["onnx"], threads=threads),
-            "ONNX Runtime, edgeq int8-ort": load_backend(arts["int8-ort"], threads=threads),
-            "ONNX Runtime, quantize_static (QDQ u8/s8 per-channel)": load_backend(qs, threads=threads),
+            "ONNX Runtime fp32": load_backend(arts["onnx"], threads=threads, spin=False),
+            "ONNX Runtime, edgeq int8-ort (default: fallback 0)": load_backend(arts["int8-ort"], threads=threads, spin=False),
+            "ONNX Runtime, edgeq int8-ort, fallback 16": load_backend(no_fb["ort"], threads=threads, spin=False),
+            "ONNX Runtime, quantize_static (QDQ u8/s8 per-channel)": load_backend(qs, threads=threads, spin=False),
             "OpenVINO f32": load_backend(arts["openvino"], threads=threads, precision="f32"),
-            "OpenVINO, edgeq int8-ov": load_backend(arts["int8-ov-ir"], threads=threads, precision="f32"),
+            "OpenVINO, edgeq int8-ov (default: fallback 8)": load_backend(arts["int8-ov-ir"], threads=threads,
+                                                                           precision="f32"),
+            "OpenVINO, edgeq int8-ov, fallback 0": load_backend(no_fb["ov"], threads=threads, precision="f32"),
             "OpenVINO, nncf.quantize defaults": load_backend(nn, threads=threads, precision="f32"),
         }
     return runners, timings

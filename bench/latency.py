@@ -54,7 +54,7 @@ def build_runners(weights: Path, imgsz: int, threads: int, folder: Path) -> dict
     for rewrite, tag in ((True, "rewrite"), (False, "original act.")):
         out = folder / ("rw" if rewrite else "orig")
         arts = export_model(weights, formats="onnx,openvino", out_dir=out, imgsz=imgsz, rewrite=rewrite, force=True).artifacts
-        runners[f"ONNX Runtime fp32, {tag}"] = load_backend(arts["onnx"], threads=threads)
+        runners[f"ONNX Runtime fp32, {tag}"] = load_backend(arts["onnx"], threads=threads, spin=False)
         runners[f"OpenVINO f32, {tag}"] = load_backend(arts["openvino"], threads=threads, precision="f32")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

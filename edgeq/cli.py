@@ -383,9 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrator (default: the table's, percentile for a new calibration)")
     q.add_argument("--percentile", type=float, help="percentile for --method percentile (default 99.99)")
     q.add_argument("--calib-images", type=_positive_int, default=256, help="calibration images (default 256)")
-    q.add_argument("--fallback", type=int, default=0,
+    q.add_argument("--fallback", type=int,
                    help="leave float the N activation tensors whose quantization alone disturbs the head the most "
-                        "(sensitivity analysis on 4 calibration images; default 0)")
+                        "(sensitivity analysis on 4 calibration images; default per backend: 0 for int8-ort, 8 for "
+                        "int8-ov and int8-trt; 0 turns it off)")
     q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
     p.add_argument("--json", help="write the parity figures to this JSON file")

@@ -25,6 +25,9 @@ def test_quickstart_script(tmp_path):
         assert entry["outputs"][0]["rel_l2"] < 1e-4
         assert entry["agreement"]["map50_95"] >= 0.99
     assert (out / "export" / "demo-yolov5s-mnv3s-shapes.onnx").is_file()
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] and [a["flavour"] for a in verify["artifacts"]] == ["int8-ort", "int8-ov"]
+    assert all(a["drop50_95"] <= 1.0 and len(a["worst_layers"]) == 5 for a in verify["artifacts"])
     detections = json.loads((out / "detections" / "detections.json").read_text())
     assert isinstance(detections, list)
     assert (out / "detections" / "000000.jpg").is_file()

@@ -182,3 +182,15 @@ def test_empty_calibration_folder_is_refused(exported, tmp_path):
     ckpt, _ = exported
     with pytest.raises(EdgeqError, match=tmp_path.name):
         collect(ckpt, tmp_path, progress=False)
+
+
+def test_onnxruntime_spin_option(exported):
+    from edgeq.runtime.backends import load_backend
+
+    _, result = exported
+    runner = load_backend(result.artifacts["int8-ort"], spin=False)
+    x = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
+    assert runner.infer(x)[0].shape[0] == 1
+    runner.close()
+    with pytest.raises(EdgeqError, match="spin= is an ONNX Runtime option"):
+        load_backend(result.artifacts["int8-ov-ir"], spin=False)

@@ -26,6 +26,7 @@ class ExportResult:
     source: Path | None = None
     imgsz: tuple[int, int] | None = None
     table: object | None = None  # the CalibrationTable an INT8 export used
+    engine_deferred: bool = False  # engines requested but TensorRT is absent: ONNX + trtexec lines instead
     int8_reports: dict = field(default_factory=dict)
 
 
@@ -125,7 +126,14 @@ def export_model(
         deployed, paths["onnx"], imgsz=size, batch=batch, dynamic=dynamic, opset=opset, raw=raw, metadata=metadata
     )
     result = ExportResult(artifacts={"onnx": paths["onnx"]}, deploy_report=report, source=Path(str(weights)), imgsz=(size, size))
-    _convert(paths, fmts, half, batch, dynamic, workspace_gb, result)
+    if int8 is not None and "engine" in fmts and not _tensorrt_available():
+        # INT8 for a Jetson is prepared here and built there: write the ONNX flavours and the
+        # cache, print how to build, instead of failing the whole export on this machine.
+        log.warning("TensorRT is not installed here: writing the ONNX (float and int8-trt) and the calibration "
+                    "cache; build the engines on the device (the trtexec lines follow)")
+        result.engine_deferred = True
+    _convert(paths, fmts if not result.engine_deferred else [f for f in fmts if f != "engine"], half, batch, dynamic,
+             workspace_gb, result)
     if int8 is not None:
         _export_int8(weights, paths, fmts, int8, batch, dynamic, workspace_gb, trust, result)
     return result
@@ -141,7 +149,7 @@ class Int8Request:
     num_images: int = 256
     percentile: float | None = None
     exclude: tuple[str, ...] = ()
-    fallback: int = 0  # leave the N most sensitive activation tensors float, per flavour
+    fallback: int | None = None  # leave the N most sensitive activation tensors float; None: the flavour's default
     progress: bool = True
 
 
@@ -163,6 +171,12 @@ def int8_paths(out_dir: Path, stem: str, formats: list[str], request: Int8Reques
     return paths
 
 
+def _tensorrt_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
 def _default_calib() -> Path:
     from edgeq.data.demo import calib_dir
 
@@ -172,6 +186,7 @@ def _default_calib() -> Path:
 def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, workspace_gb, trust, result) -> None:
     from edgeq.export.calib_table import CalibrationTable, collect, write_trt_cache
     from edgeq.export.int8 import Int8Options, quantize_file
+    from edgeq.export.qdq import policy_for
 
     if request.table is not None:
         table = CalibrationTable.load(request.table)
@@ -188,13 +203,14 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
         flavour = INT8_FORMATS[fmt]
         key = f"int8-{flavour}"
         opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude)
-        if request.fallback:
+        fallback = policy_for(flavour).default_fallback if request.fallback is None else request.fallback
+        if fallback:
             from edgeq.data.images import load_sample_images
             from edgeq.export.int8 import tensor_sensitivity
 
             images = load_sample_images(request.data or _default_calib(), 4)
             worst = tensor_sensitivity(paths["onnx"], table, flavour, images, opts, progress=request.progress)
-            worst = worst[: request.fallback]
+            worst = worst[:fallback]
             log.info("%s: %d most sensitive tensors left float: %s", key, len(worst),
                      ", ".join(f"{r['tensor']} (NSR {r['nsr']:.1e})" for r in worst))
             opts.float_tensors = tuple(r["tensor"] for r in worst)
@@ -212,7 +228,17 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
             write_trt_cache(table, paths["onnx"], paths["trt-cache"], method=request.method)
             max_batch = max(batch, 8) if dynamic else batch
             opts_trt = BuildOptions(int8=True, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch, max_batch=max_batch)
-            result.artifacts["int8-trt-engine"] = build_engine(path, paths["int8-trt-engine"], opts_trt)
+            if result.engine_deferred:
+                from edgeq.export.trt_build import trtexec_command
+
+                size = result.imgsz or (640, 640)
+                implicit = BuildOptions(min_batch=1, opt_batch=batch, max_batch=max_batch,
+                                        calibration_cache=paths["trt-cache"])
+                log.warning("explicit INT8 (recommended): %s", trtexec_command(path, paths["int8-trt-engine"], opts_trt, imgsz=size))
+                log.warning("implicit INT8 (TensorRT < 10.1 style): %s",
+                            trtexec_command(paths["onnx"], paths["int8-trt-engine"], implicit, imgsz=size))
+            else:
+                result.artifacts["int8-trt-engine"] = build_engine(path, paths["int8-trt-engine"], opts_trt)
 
 
 def _export_from_onnx(onnx_path: Path, fmts, out_dir, half, batch, dynamic, force, workspace_gb) -> ExportResult:

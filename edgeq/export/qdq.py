@@ -48,6 +48,9 @@ class Policy:
     quantize_bias: bool = False  # int32 bias with scale = input scale x weight scale (ONNX Runtime's QLinearConv)
     head_outputs: bool = False  # quantize the head convolutions' outputs (the decode after them stays float)
     note: str = ""
+    # activation tensors the sensitivity analysis leaves float by default (export --fallback):
+    # chosen per backend by measuring accuracy and speed together (docs/BENCHMARKS.md)
+    default_fallback: int = 0
 
 
 _ELEMENTWISE_ALL = OpRule(inputs="all", output=True, constants=True)
@@ -59,6 +62,7 @@ POLICIES: dict[str, Policy] = {
         "trt", "tensorrt", "int8",
         {"Conv": OpRule((0,)), "Gemm": OpRule((0,))},
         note="int8 symmetric, Q/DQ on Conv/Gemm inputs only (TensorRT explicit quantization)",
+        default_fallback=8,  # same placement as int8-ov, whose accuracy needs it
     ),
     # ONNX Runtime's CPU provider turns DQ -> op -> Q units into QLinear* kernels; a unit that is
     # not closed by a Q on its output stays float, so every op on the path is quantized. The
@@ -89,6 +93,7 @@ POLICIES: dict[str, Policy] = {
         "ov", "openvino", "auto8",
         {"Conv": OpRule((0,)), "Gemm": OpRule((0,))},
         note="int8 (uint8 where non-negative) on Conv/MatMul inputs (OpenVINO low-precision transformations)",
+        default_fallback=8,
     ),
 }
 

@@ -88,12 +88,14 @@ def load_backend(
     threads: int | None = None,
     precision: str | None = None,
     providers: Sequence[Any] | None = None,
+    spin: bool | None = None,
 ) -> Backend:
     """Load ``path`` with the backend its suffix implies (or ``backend=``) and return it loaded.
 
     ``.onnx`` -> onnxruntime (``backend="openvino"`` runs it with OpenVINO), ``.xml`` -> openvino,
     ``.engine``/``.plan`` -> tensorrt, ``.pt``/``.pth`` -> torch. ``precision`` is OpenVINO's
-    inference precision, ``providers`` ONNX Runtime's execution providers.
+    inference precision, ``providers`` ONNX Runtime's execution providers, ``spin=False`` stops
+    ONNX Runtime's threads busy-waiting between runs.
     """
     path = Path(path)
     name = _choose(path, backend)
@@ -112,6 +114,10 @@ def load_backend(
         options["precision"] = precision
     if name == "onnxruntime" and providers is not None:
         options["providers"] = providers
+    if spin is not None:
+        if name != "onnxruntime":
+            raise EdgeqError(f"spin= is an ONNX Runtime option, not one of the {name} backend")
+        options["spin"] = spin
     runner = backend_class(name)(path, **options).load()
     check_flavour(runner)
     return runner

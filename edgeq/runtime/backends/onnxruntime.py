@@ -39,9 +39,19 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[Provider] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[Provider] | None = None,
+        spin: bool = True,
+    ):
         super().__init__(path, threads=threads)
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        # ORT's worker threads busy-wait after a run (lower latency on an idle CPU); off, they
+        # leave the cores to whatever runs next (benchmarks interleaving runtimes, shared boards).
+        self.spin = spin
         self._session: Any = None
 
     def _load_impl(self) -> None:
@@ -60,6 +70,9 @@ class OnnxRuntimeBackend(Backend):
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
+        if not self.spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
         except Exception as exc:  # noqa: BLE001  (ORT raises its own pybind exception types)

@@ -34,7 +34,8 @@ EXAMPLES = {
   edgeq export best.pt --table best.calib.json --method entropy   # re-export INT8 without images""",
     "verify": """examples:
   edgeq verify best.pt out/best.int8-ort.onnx out/best.int8-ov.xml --data data.yaml --max-map-drop 1.0
-  edgeq verify best.pt out/best.int8-ort.onnx --layers --json verify.json""",
+  edgeq verify best.pt out/best.int8-ort.onnx --layers --json verify.json
+  edgeq verify best.int8-trt.engine --reference best.onnx --data data.yaml   # on a Jetson, no PyTorch""",
     "parity": """examples:
   edgeq parity best.pt exported/best.onnx exported/best.xml
   edgeq parity best.pt exported/best.onnx --data images/ --num-images 32 --json parity.json""",
@@ -244,9 +245,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from edgeq.verify import format_verify_table, verify
 
     artifacts = list(args.artifacts)
-    if args.weights and Path(args.weights).suffix in (".onnx", ".xml", ".engine"):
-        artifacts.insert(0, args.weights)  # no checkpoint given: the demo's artifacts
-        args.weights = None
+    if args.reference or (args.weights and Path(args.weights).suffix in (".onnx", ".xml", ".engine")):
+        if args.weights:
+            artifacts.insert(0, args.weights)  # every positional is an artifact
+        args.weights = args.reference  # None: the demo checkpoint
     weights = _model_source(args.weights)
     images = load_sample_images(args.images or calib_dir(), args.num_images) if args.num_images else []
     report = verify(weights, artifacts, args.data or demo_data_yaml(), max_map_drop=args.max_map_drop,
@@ -398,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("weights", nargs="?", help="the float checkpoint (.pt) the artifacts came from (default: demo)")
     p.add_argument("artifacts", nargs="+", help=".onnx / .xml / .engine files to score")
     p.add_argument("--data", help="labelled data: data.yaml or dataset folder (default: the demo validation split)")
+    p.add_argument("--reference", help="the float model to compare with when there is no checkpoint argument: "
+                                        "a .pt, or a float .onnx/.xml on a device without PyTorch")
     p.add_argument("--max-map-drop", type=float,
                    help="budget in mAP50-95 points (0-100 scale): exit 1 when an artifact loses more")
     p.add_argument("--layers", action="store_true", help="list the 5 layers with the lowest SNR per INT8 ONNX artifact")

@@ -126,7 +126,11 @@ def verify(
     progress: bool = True,
     trust: bool = False,
 ) -> dict:
-    """Score ``artifacts`` against the float ``weights`` on the labelled ``data``; see the module doc."""
+    """Score ``artifacts`` against the float ``weights`` on the labelled ``data``; see the module doc.
+
+    ``weights`` is the PyTorch checkpoint, or on a device without PyTorch the float artifact
+    (e.g. ``best.onnx``) the INT8 ones are compared with.
+    """
     from edgeq.data.yolo import YoloDataset
     from edgeq.runtime.parity import check_artifacts
     from edgeq.validate import evaluate_model
@@ -139,9 +143,14 @@ def verify(
     dataset = YoloDataset(data, split="val")
     references: dict[int, dict] = {}  # the float model, at each artifact's input size
 
+    float_artifact = Path(str(weights)).suffix in (".onnx", ".xml", ".engine")  # a device without torch
+
     def reference_at(size: int) -> dict:
         if size not in references:
-            references[size] = evaluate_model(weights, dataset, imgsz=size, trust=trust, progress=progress)
+            if float_artifact:
+                references[size] = evaluate_artifact(str(weights), dataset, threads=threads, progress=progress)
+            else:
+                references[size] = evaluate_model(weights, dataset, imgsz=size, trust=trust, progress=progress)
         return references[size]
 
     scores: list[ArtifactScore] = []
@@ -164,7 +173,9 @@ def verify(
             if layers and parity_images and result["flavour"].startswith("int8"):
                 qonnx = _onnx_of(artifact)
                 if qonnx is not None:
-                    float_onnx = float_onnx or _float_onnx_for(str(weights), reference["imgsz"], Path(tmp) / "float.onnx", trust)
+                    if float_onnx is None:
+                        float_onnx = (Path(str(weights)) if str(weights).endswith(".onnx") else
+                                      _float_onnx_for(str(weights), reference["imgsz"], Path(tmp) / "float.onnx", trust))
                     score.worst_layers = layer_snr(float_onnx, qonnx, list(parity_images)[:8], reference["imgsz"])[:layers]
             if max_map_drop is not None:
                 score.passed = score.drop50_95 <= max_map_drop

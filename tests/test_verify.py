@@ -49,6 +49,14 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     assert bad_rc == 1 and not bad["passed"] and bad["artifacts"][0]["drop50_95"] > 1.0
     assert bad["artifacts"][0]["flavour"] == "int8-ort"
 
+    # on a device without PyTorch the float ONNX is the reference: same float mAP, same verdict
+    rc = main(["verify", str(tmp_path / "good" / f"{STEM}.int8-ort.onnx"), "--reference",
+               str(tmp_path / "good" / f"{STEM}.onnx"), "--data", str(data), "--num-images", "0",
+               "--max-map-drop", "1.0", "--json", str(tmp_path / "onnx_ref.json")])
+    onnx_ref = json.loads((tmp_path / "onnx_ref.json").read_text())
+    assert rc == 0 and onnx_ref["float"]["map50_95"] == pytest.approx(good["float"]["map50_95"], abs=2e-3)
+    assert onnx_ref["artifacts"][0]["map50_95"] == good["artifacts"][0]["map50_95"]
+
 
 def test_verify_reports_worst_layers_and_refuses_missing_artifacts(data, tmp_path, capsys):
     assert main(["verify", str(tmp_path / "missing.onnx"), "--data", str(data)]) == 1

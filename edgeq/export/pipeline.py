@@ -262,6 +262,10 @@ def _convert(paths, fmts, half, batch, dynamic, workspace_gb, result: ExportResu
     if "engine" in fmts:
         from edgeq.export.trt_build import BuildOptions, build_engine
 
+        from edgeq.export.onnx_export import read_metadata
+
         max_batch = max(batch, 8) if dynamic else batch
-        opts = BuildOptions(fp16=half, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch, max_batch=max_batch)
+        explicit_int8 = read_metadata(paths["onnx"]).get("edgeq.flavour") == "int8-trt"  # Q/DQ: INT8 kernels allowed
+        opts = BuildOptions(fp16=half, int8=explicit_int8, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch,
+                            max_batch=max_batch)
         result.artifacts["engine"] = build_engine(paths["onnx"], paths["engine"], opts)

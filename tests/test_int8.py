@@ -194,3 +194,20 @@ def test_onnxruntime_spin_option(exported):
     runner.close()
     with pytest.raises(EdgeqError, match="spin= is an ONNX Runtime option"):
         load_backend(result.artifacts["int8-ov-ir"], spin=False)
+
+
+def test_cli_calibrate_then_export_from_the_table(exported, images, tmp_path, capsys):
+    from edgeq.cli import main
+    from edgeq.export.onnx_export import read_metadata
+
+    ckpt, _ = exported
+    table = tmp_path / "m.calib.json"
+    assert main(["calibrate", str(ckpt), "--data", str(images), "--num-images", "4", "-o", str(table)]) == 0
+    assert "on 4 images" in capsys.readouterr().out
+    rc = main(["export", str(ckpt), "--table", str(table), "--method", "mse", "--format", "onnx", "--out",
+               str(tmp_path / "out"), "--data", str(images), "--num-images", "2"])
+    assert rc == 0
+    meta = read_metadata(tmp_path / "out" / "m.int8-ort.onnx")
+    assert meta["edgeq.flavour"] == "int8-ort" and json.loads(meta["edgeq.int8"])["method"] == "mse"
+    assert json.loads(meta["edgeq.int8"])["images"] == 4
+    assert not (tmp_path / "out" / "m.calib.json").exists()  # the given table is reused, not rewritten

@@ -1,4 +1,10 @@
-"""Static INT8 in PyTorch: one calibration, per-backend Q/DQ flavours.
+"""Static INT8 in PyTorch: the fake-quant model (accuracy before export, and the base for
+quantization-aware fine-tuning with the trainer).
+
+The exported INT8 artifacts are made on the float ONNX by :mod:`edgeq.export.qdq`; this model
+takes its statistics from the same calibration table (``CalibrationTable.attach`` maps each
+point to the ONNX tensor it observes) and its TorchScript export carries the same Q/DQ pairs
+on the convolutions.
 
 How it works:
 

@@ -190,7 +190,9 @@ def collect(
                 used.append(path)
                 yield preprocess_batch([image], size)[0]
 
-        stats, seen = observe_onnx(float_onnx, candidate_tensors(graph), batches(), total=len(paths), progress=progress)
+        points = torch_points(graph)  # the PyTorch fake-quant model's points too (head outputs included)
+        tensors = list(dict.fromkeys([*candidate_tensors(graph), *points.values()]))
+        stats, seen = observe_onnx(float_onnx, tensors, batches(), total=len(paths), progress=progress)
     table = CalibrationTable(
         tensors=stats,
         method=method,
@@ -199,7 +201,7 @@ def collect(
         image_list_sha256=image_list_hash(used),
         model_sha256=sha,
         edgeq_version=__version__,
-        extra={"data": str(data), "weights": Path(str(weights)).name, "torch_points": torch_points(graph)},
+        extra={"data": str(data), "weights": Path(str(weights)).name, "torch_points": points},
     )
     bad = table.degenerate()
     if bad:

@@ -250,6 +250,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             artifacts.insert(0, args.weights)  # every positional is an artifact
         args.weights = args.reference  # None: the demo checkpoint
     weights = _model_source(args.weights)
+    if args.report:  # fail before the long evaluation, not after it
+        from edgeq.utils.files import check_writable_dir
+
+        if Path(args.report).suffix.lower() not in (".html", ".htm", ".md", ".markdown"):
+            raise EdgeqError(f"--report {args.report}: use a .html or .md file name")
+        check_writable_dir(Path(args.report).parent if str(Path(args.report).parent) else Path("."))
     images = load_sample_images(args.images or calib_dir(), args.num_images) if args.num_images else []
     report = verify(weights, artifacts, args.data or demo_data_yaml(), max_map_drop=args.max_map_drop,
                     parity_images=images, layers=5 if args.layers else 0, threads=args.threads,
@@ -258,6 +264,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
           "parity against the PyTorch float model:")
     print(format_verify_table(report))
     _write_json(args.json, report)
+    if args.report:
+        from edgeq.report import write_report
+
+        print(f"wrote {write_report(report, args.report)}")
     if not report["passed"]:
         bad = [Path(a["artifact"]).name for a in report["artifacts"] if not a["passed"]]
         print(f"FAILED: {', '.join(bad)} lost more than {args.max_map_drop:g} mAP50-95 points")
@@ -405,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-map-drop", type=float,
                    help="budget in mAP50-95 points (0-100 scale): exit 1 when an artifact loses more")
     p.add_argument("--layers", action="store_true", help="list the 5 layers with the lowest SNR per INT8 ONNX artifact")
+    p.add_argument("--report", help="also write a self-contained report page: report.html or report.md")
     p.add_argument("--images", help="images for parity and --layers (default: the bundled calib_data/)")
     p.add_argument("--num-images", type=int, default=16, help="parity images (default 16; 0 skips parity)")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")

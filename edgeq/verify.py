@@ -31,6 +31,8 @@ class ArtifactScore:
     parity: dict = field(default_factory=dict)
     worst_layers: list[dict] = field(default_factory=list)
     passed: bool = True
+    ms_per_image: float | None = None  # inside the backend during evaluation (batch 1, not a benchmark)
+    calibration: dict = field(default_factory=dict)  # what an INT8 artifact records about its calibration
 
 
 def _artifact_options(path: str) -> dict:
@@ -105,6 +107,26 @@ def _float_onnx_for(weights: str, imgsz: int, out: Path, trust: bool) -> Path:
     return path
 
 
+def _calibration_of(artifact: str) -> dict:
+    """The ``edgeq.int8`` record of an INT8 artifact (ONNX metadata or IR rt_info), else {}."""
+    import json
+
+    try:
+        if artifact.endswith(".onnx"):
+            from edgeq.export.onnx_export import read_metadata
+
+            meta = read_metadata(artifact)
+        elif artifact.endswith(".xml"):
+            from edgeq.export.openvino_export import read_rt_info
+
+            meta = read_rt_info(artifact)
+        else:
+            return {}
+        return json.loads(meta.get("edgeq.int8", "{}"))
+    except (OSError, ValueError, EdgeqError):
+        return {}
+
+
 def _onnx_of(artifact: str) -> Path | None:
     """The QDQ ONNX an artifact was built from (itself, or the IR's sibling of the same stem)."""
     p = Path(artifact)
@@ -169,6 +191,8 @@ def verify(
                 drop50=100.0 * (reference["map50"] - result["map50"]),
                 drop50_95=100.0 * (reference["map50_95"] - result["map50_95"]),
                 parity=parity[artifact].to_dict() if artifact in parity else {},
+                ms_per_image=result.get("speed_ms_per_image"),
+                calibration=_calibration_of(artifact),
             )
             if layers and parity_images and result["flavour"].startswith("int8"):
                 qonnx = _onnx_of(artifact)

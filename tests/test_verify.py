@@ -39,8 +39,9 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     reports = {}
     for name in ("good", "bad"):
         artifact = tmp_path / name / f"{STEM}.int8-ort.onnx"
+        page = tmp_path / (f"{name}.html" if name == "good" else f"{name}.md")
         rc = main(["verify", str(DEMO_WEIGHTS), str(artifact), "--data", str(data), "--max-map-drop", "1.0",
-                   "--num-images", "0", "--json", str(tmp_path / f"{name}.json")])
+                   "--num-images", "0", "--json", str(tmp_path / f"{name}.json"), "--report", str(page)])
         reports[name] = (rc, json.loads((tmp_path / f"{name}.json").read_text()))
     good_rc, good = reports["good"]
     bad_rc, bad = reports["bad"]
@@ -48,6 +49,13 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     assert good_rc == 0 and good["passed"] and good["artifacts"][0]["drop50_95"] <= 1.0
     assert bad_rc == 1 and not bad["passed"] and bad["artifacts"][0]["drop50_95"] > 1.0
     assert bad["artifacts"][0]["flavour"] == "int8-ort"
+
+    # the report pages: verdict, the backend row, calibration settings, versions; self-contained
+    page = (tmp_path / "good.html").read_text()
+    assert "PASS" in page and f"{STEM}.int8-ort.onnx" in page and "percentile" in page and "onnxruntime" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    md = (tmp_path / "bad.md").read_text()
+    assert md.startswith("# edgeq verification: FAIL") and "minmax" in md and "| onnxruntime | int8-ort |" in md
 
     # on a device without PyTorch the float ONNX is the reference: same float mAP, same verdict
     rc = main(["verify", str(tmp_path / "good" / f"{STEM}.int8-ort.onnx"), "--reference",
@@ -58,6 +66,8 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     assert onnx_ref["artifacts"][0]["map50_95"] == good["artifacts"][0]["map50_95"]
 
 
-def test_verify_reports_worst_layers_and_refuses_missing_artifacts(data, tmp_path, capsys):
+def test_verify_refuses_missing_artifacts_and_bad_report_names(data, tmp_path, capsys):
     assert main(["verify", str(tmp_path / "missing.onnx"), "--data", str(data)]) == 1
     assert "missing.onnx does not exist" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path / "a.onnx"), "--data", str(data), "--report", str(tmp_path / "r.pdf")]) == 1
+    assert "use a .html or .md" in capsys.readouterr().err

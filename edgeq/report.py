@@ -1,0 +1,165 @@
+"""The verification report: one self-contained page (Markdown or HTML) a person can read and forward.
+
+It holds the verdict against the budget, the table of backends (accuracy, drop, parity, time
+per image), the worst layers by SNR, each INT8 artifact's calibration settings and the versions
+of every backend. HTML embeds its plot as a data URI when matplotlib is installed (the ``report``
+extra); without it the page is complete minus the plot.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import platform
+from pathlib import Path
+
+from edgeq.errors import EdgeqError
+
+
+def versions() -> dict[str, str]:
+    """Versions of edgeq and of every backend package present (absent ones are listed as such)."""
+    import importlib.metadata
+
+    from edgeq import __version__
+
+    out = {"edgeq": __version__, "python": platform.python_version(), "machine": platform.machine()}
+    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "openvino", "tensorrt", "opencv-python-headless"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _verdict(report: dict) -> str:
+    if report.get("max_map_drop") is None:
+        return "no budget given"
+    return ("PASS" if report["passed"] else "FAIL") + f" (budget: {report['max_map_drop']:g} mAP50-95 points)"
+
+
+def _rows(report: dict) -> list[list[str]]:
+    f = report["float"]
+    rows = [["float (PyTorch)", "torch", "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-", "-", ""]]
+    for a in report["artifacts"]:
+        out = (a["parity"].get("outputs") or [{}])[0]
+        agree = a["parity"].get("agreement") or {}
+        verdict = "" if report.get("max_map_drop") is None else ("ok" if a["passed"] else "FAIL")
+        rows.append([
+            Path(a["artifact"]).name, a["backend"], a["flavour"], f"{a['map50']:.4f}", f"{a['map50_95']:.4f}",
+            f"{a['drop50']:+.2f}", f"{a['drop50_95']:+.2f}",
+            f"{out['rel_l2']:.2e}" if "rel_l2" in out else "-",
+            f"{agree['map50_95']:.4f}" if "map50_95" in agree else "-",
+            f"{a['ms_per_image']:.1f}" if a.get("ms_per_image") is not None else "-",
+            verdict,
+        ])
+    return rows
+
+
+HEADER = ["artifact", "backend", "flavour", "mAP50", "mAP50-95", "drop50", "drop50-95", "rel L2", "agreement",
+          "ms/image", "verdict"]
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# edgeq verification: {_verdict(report)}", "",
+             f"- float model: `{report['weights']}`", f"- labelled data: `{report['data']}` ({report['images']} images)",
+             f"- written: {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+             "Drops are in mAP points (0-100 scale) against the float model at the artifact's input size; "
+             "rel L2 and agreement (mAP50-95 of the artifact's boxes against the float model's) come from the "
+             "parity images; ms/image is the time inside the backend during evaluation, not a benchmark.", "",
+             "## Backends", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(report)]
+    for a in report["artifacts"]:
+        if a["worst_layers"]:
+            lines += ["", f"## Worst layers of `{Path(a['artifact']).name}`", "",
+                      "| layer | SNR dB | noise/signal added by the layer |", "|---|---|---|"]
+            lines += [f"| `{r['node']}` | {r['snr_db']:.1f} | {r['added_nsr']:.4f} |" for r in a["worst_layers"]]
+    calibrated = [a for a in report["artifacts"] if a.get("calibration")]
+    if calibrated:
+        lines += ["", "## Calibration", ""]
+        for a in calibrated:
+            c = a["calibration"]
+            lines.append(f"- `{Path(a['artifact']).name}`: {c.get('method')} (percentile {c.get('percentile')}), "
+                         f"{c.get('images')} images (list SHA-256 {str(c.get('image_list_sha256', ''))[:16]}...), "
+                         f"{len(c.get('float_tensors', []))} tensors left float; placement: {c.get('placement')}")
+    lines += ["", "## Versions", "", *(f"- {k}: {v}" for k, v in versions().items()), ""]
+    return "\n".join(lines)
+
+
+def _snr_plot(report: dict) -> str | None:
+    """A PNG (base64) of the worst layers' SNR per artifact, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    with_layers = [a for a in report["artifacts"] if a["worst_layers"]]
+    if not with_layers:
+        return None
+    fig, axes = plt.subplots(len(with_layers), 1, figsize=(8, 2.2 * len(with_layers)), squeeze=False)
+    for ax, a in zip(axes[:, 0], with_layers):
+        layers = a["worst_layers"]
+        ax.barh([r["node"] for r in layers][::-1], [r["snr_db"] for r in layers][::-1], color="#c0504d")
+        ax.set_xlabel("SNR of the Conv output vs float (dB), worst first")
+        ax.set_title(Path(a["artifact"]).name, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def to_html(report: dict) -> str:
+    esc = html.escape
+    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in _rows(report))
+    verdict = _verdict(report)
+    colour = "#2e7d32" if report.get("passed", True) else "#c62828"
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>edgeq verification</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:.25em .6em;text-align:right}td:first-child{text-align:left}"
+        "code{background:#f3f3f3}</style></head><body>",
+        f"<h1>edgeq verification: <span style='color:{colour}'>{esc(verdict)}</span></h1>",
+        f"<p>float model <code>{esc(report['weights'])}</code>; labelled data <code>{esc(report['data'])}</code> "
+        f"({report['images']} images). Drops in mAP points (0-100) against the float model at each artifact's input "
+        "size; rel L2 and agreement from the parity images; ms/image inside the backend during evaluation.</p>",
+        "<h2>Backends</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADER) + f"</tr>{rows}</table>",
+    ]
+    plot = _snr_plot(report)
+    for a in report["artifacts"]:
+        if a["worst_layers"]:
+            body = "".join(f"<tr><td><code>{esc(r['node'])}</code></td><td>{r['snr_db']:.1f}</td>"
+                           f"<td>{r['added_nsr']:.4f}</td></tr>" for r in a["worst_layers"])
+            parts.append(f"<h2>Worst layers of <code>{esc(Path(a['artifact']).name)}</code></h2><table><tr><th>layer"
+                         f"</th><th>SNR dB</th><th>noise/signal added</th></tr>{body}</table>")
+    if plot:
+        parts.append(f"<h2>SNR of the worst layers</h2><img alt='SNR per layer' src='data:image/png;base64,{plot}'>")
+    calibrated = [a for a in report["artifacts"] if a.get("calibration")]
+    if calibrated:
+        items = "".join(
+            f"<li><code>{esc(Path(a['artifact']).name)}</code>: {esc(str(a['calibration'].get('method')))}, "
+            f"{esc(str(a['calibration'].get('images')))} images, "
+            f"{len(a['calibration'].get('float_tensors', []))} tensors left float; "
+            f"{esc(str(a['calibration'].get('placement')))}</li>" for a in calibrated)
+        parts.append(f"<h2>Calibration</h2><ul>{items}</ul>")
+    items = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in versions().items())
+    parts.append(f"<h2>Versions</h2><ul>{items}</ul></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    """Write ``report`` (from :func:`edgeq.verify.verify`) as .md or .html, atomically."""
+    from edgeq.utils.files import atomic_write_text
+
+    path = Path(path)
+    if path.suffix.lower() in (".md", ".markdown"):
+        text = to_markdown(report)
+    elif path.suffix.lower() in (".html", ".htm"):
+        text = to_html(report)
+    else:
+        raise EdgeqError(f"--report {path}: use a .html or .md file name")
+    return atomic_write_text(path, text)

@@ -39,26 +39,11 @@ def _verdict(report: dict) -> str:
     return ("PASS" if report["passed"] else "FAIL") + f" (budget: {report['max_map_drop']:g} mAP50-95 points)"
 
 
-def _rows(report: dict) -> list[list[str]]:
-    f = report["float"]
-    rows = [["float (PyTorch)", "torch", "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-", "-", ""]]
-    for a in report["artifacts"]:
-        out = (a["parity"].get("outputs") or [{}])[0]
-        agree = a["parity"].get("agreement") or {}
-        verdict = "" if report.get("max_map_drop") is None else ("ok" if a["passed"] else "FAIL")
-        rows.append([
-            Path(a["artifact"]).name, a["backend"], a["flavour"], f"{a['map50']:.4f}", f"{a['map50_95']:.4f}",
-            f"{a['drop50']:+.2f}", f"{a['drop50_95']:+.2f}",
-            f"{out['rel_l2']:.2e}" if "rel_l2" in out else "-",
-            f"{agree['map50_95']:.4f}" if "map50_95" in agree else "-",
-            f"{a['ms_per_image']:.1f}" if a.get("ms_per_image") is not None else "-",
-            verdict,
-        ])
-    return rows
+def _table(report: dict) -> tuple[list[str], list[list[str]]]:
+    from edgeq.verify import table_rows
 
-
-HEADER = ["artifact", "backend", "flavour", "mAP50", "mAP50-95", "drop50", "drop50-95", "rel L2", "agreement",
-          "ms/image", "verdict"]
+    header, *rows = table_rows(report, timing=True)
+    return header, rows
 
 
 def to_markdown(report: dict) -> str:
@@ -68,8 +53,9 @@ def to_markdown(report: dict) -> str:
              "Drops are in mAP points (0-100 scale) against the float model at the artifact's input size; "
              "rel L2 and agreement (mAP50-95 of the artifact's boxes against the float model's) come from the "
              "parity images; ms/image is the time inside the backend during evaluation, not a benchmark.", "",
-             "## Backends", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(report)]
+             "## Backends", ""]
+    header, rows = _table(report)
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
     for a in report["artifacts"]:
         if a["worst_layers"]:
             lines += ["", f"## Worst layers of `{Path(a['artifact']).name}`", "",
@@ -115,7 +101,8 @@ def _snr_plot(report: dict) -> str | None:
 
 def to_html(report: dict) -> str:
     esc = html.escape
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in _rows(report))
+    header, table = _table(report)
+    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in table)
     verdict = _verdict(report)
     colour = "#2e7d32" if report.get("passed", True) else "#c62828"
     parts = [
@@ -127,7 +114,7 @@ def to_html(report: dict) -> str:
         f"<p>float model <code>{esc(report['weights'])}</code>; labelled data <code>{esc(report['data'])}</code> "
         f"({report['images']} images). Drops in mAP points (0-100) against the float model at each artifact's input "
         "size; rel L2 and agreement from the parity images; ms/image inside the backend during evaluation.</p>",
-        "<h2>Backends</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADER) + f"</tr>{rows}</table>",
+        "<h2>Backends</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + f"</tr>{rows}</table>",
     ]
     plot = _snr_plot(report)
     for a in report["artifacts"]:

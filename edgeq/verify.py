@@ -79,14 +79,16 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
     fetch_f = [name.removesuffix("_dequantized") for name in fetch_q]
     signal = np.zeros(len(fetch_q))
     noise = np.zeros(len(fetch_q))
+
+    def values(path, graph, names: list[str], batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``names`` by name for one batch; the graph input is the batch itself, not a fetch."""
+        fetch = [n for n in names if n != graph.input[0].name]
+        return {graph.input[0].name: batch, **dict(zip(fetch, run_with_outputs(path, fetch, batch)))}
+
     for image in images:
         batch = preprocess_batch([image], imgsz)[0]
-        ref = run_with_outputs(float_onnx, [n for n in fetch_f if n != fgraph.input[0].name], batch)
-        ref_map = dict(zip([n for n in fetch_f if n != fgraph.input[0].name], ref))
-        ref_map[fgraph.input[0].name] = batch
-        got = run_with_outputs(quant_onnx, [n for n in fetch_q if n != qgraph.input[0].name], batch)
-        got_map = dict(zip([n for n in fetch_q if n != qgraph.input[0].name], got))
-        got_map[qgraph.input[0].name] = batch
+        ref_map = values(float_onnx, fgraph, fetch_f, batch)
+        got_map = values(quant_onnx, qgraph, fetch_q, batch)
         for i, (fq, ff) in enumerate(zip(fetch_q, fetch_f)):
             r = ref_map[ff].astype(np.float64)
             signal[i] += float(np.square(r).sum())
@@ -217,20 +219,33 @@ def verify(
     }
 
 
-def format_verify_table(report: dict) -> str:
-    rows = [("artifact", "backend", "flavour", "mAP50", "mAP50-95", "drop50", "drop50-95", "rel L2", "agree50-95", "verdict")]
+def table_rows(report: dict, *, timing: bool = False) -> list[list[str]]:
+    """Header and one row per model (float first) of a :func:`verify` report, as strings.
+
+    ``timing`` adds the time per image inside the backend during evaluation (the report page).
+    """
+    header = ["artifact", "backend", "flavour", "mAP50", "mAP50-95", "drop50", "drop50-95", "rel L2", "agree50-95",
+              *(["ms/image"] if timing else []), "verdict"]
     f = report["float"]
-    rows.append(("float (PyTorch)", "torch", "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-", ""))
+    rows = [header, ["float (PyTorch)", "torch", "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-",
+                     *(["-"] if timing else []), ""]]
     for s in report["artifacts"]:
         out = (s["parity"].get("outputs") or [{}])[0]
         agree = s["parity"].get("agreement") or {}
         verdict = "" if report["max_map_drop"] is None else ("ok" if s["passed"] else "FAIL")
-        rows.append((
+        ms = s.get("ms_per_image")
+        rows.append([
             Path(s["artifact"]).name, s["backend"], s["flavour"], f"{s['map50']:.4f}", f"{s['map50_95']:.4f}",
             f"{s['drop50']:+.2f}", f"{s['drop50_95']:+.2f}",
             f"{out['rel_l2']:.2e}" if "rel_l2" in out else "-",
-            f"{agree['map50_95']:.4f}" if "map50_95" in agree else "-", verdict,
-        ))
+            f"{agree['map50_95']:.4f}" if "map50_95" in agree else "-",
+            *([f"{ms:.1f}" if ms is not None else "-"] if timing else []), verdict,
+        ])
+    return rows
+
+
+def format_verify_table(report: dict) -> str:
+    rows = table_rows(report)
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

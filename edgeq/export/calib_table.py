@@ -180,8 +180,9 @@ def collect(
         if float_onnx is None:
             float_onnx, size, sha = _export_float(weights, imgsz, trust, Path(tmp) / "float.onnx")
         else:
-            meta = _onnx_meta(float_onnx)
-            size, sha = int(json.loads(meta.get("edgeq.imgsz", "[640]"))[0]), meta.get("edgeq.source_sha256", "")
+            from edgeq.export.onnx_export import read_imgsz, read_metadata
+
+            size, sha = read_imgsz(float_onnx), read_metadata(float_onnx).get("edgeq.source_sha256", "")
         graph = onnx.load(str(float_onnx))
         used: list[Path] = []
 
@@ -211,12 +212,6 @@ def collect(
             stacklevel=2,
         )
     return table
-
-
-def _onnx_meta(path) -> dict[str, str]:
-    from edgeq.export.onnx_export import read_metadata
-
-    return read_metadata(path)
 
 
 def _export_float(weights, imgsz, trust, out: Path) -> tuple[Path, int, str]:

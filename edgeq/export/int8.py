@@ -10,13 +10,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeq.errors import EdgeqError
-from edgeq.export.calib_table import CalibrationTable
 import numpy as np
 
+from edgeq.errors import EdgeqError
+from edgeq.export.calib_table import CalibrationTable
 from edgeq.export.qdq import QuantizeReport, policy_for, quantize_onnx
-
-DEFAULT_METHOD = "percentile"
 
 
 @dataclass
@@ -44,6 +42,7 @@ def quantize_file(
     """Write ``out_path``: the float ONNX with the flavour's Q/DQ pairs and metadata."""
     import onnx
 
+    from edgeq.export.onnx_export import set_metadata
     from edgeq.utils.files import atomic_path
 
     opts = opts or Int8Options()
@@ -51,8 +50,7 @@ def quantize_file(
     model = onnx.load(str(float_onnx))
     q, report = quantize_onnx(model, flavour_ranges(table, flavour, opts), policy, exclude=set(opts.exclude),
                               float_tensors=set(opts.float_tensors))
-    props = {p.key: p.value for p in q.metadata_props}
-    props.update({
+    set_metadata(q, {
         "edgeq.flavour": f"int8-{policy.flavour}",
         "edgeq.int8": json.dumps({
             "method": opts.method or table.method,
@@ -64,10 +62,6 @@ def quantize_file(
             "float_tensors": list(opts.float_tensors),
         }),
     })
-    del q.metadata_props[:]
-    for key, value in props.items():
-        entry = q.metadata_props.add()
-        entry.key, entry.value = key, value
     out_path = Path(out_path)
     try:
         with atomic_path(out_path) as tmp:
@@ -103,12 +97,10 @@ def tensor_sensitivity(
     channels of very different ranges; this finds those tensors, whatever the calibrator.
     """
     import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
     from tqdm import tqdm
 
-    from edgeq.export.observe import run_with_outputs
-    from edgeq.export.onnx_export import read_metadata
+    from edgeq.export.observe import run_with_outputs, session_with_outputs
+    from edgeq.export.onnx_export import read_imgsz
     from edgeq.export.qdq import plan
     from edgeq.runtime.preprocess import preprocess_batch
 
@@ -116,20 +108,16 @@ def tensor_sensitivity(
     policy = policy_for(flavour)
     model = onnx.load(str(float_onnx))
     heads = head_tensors(model.graph)
-    size = int(json.loads(read_metadata(float_onnx).get("edgeq.imgsz", "[640]"))[0])
+    size = read_imgsz(float_onnx)
     batches = [preprocess_batch([im], size)[0] for im in images]
     refs = [run_with_outputs(float_onnx, heads, b) for b in batches]
     ranges = flavour_ranges(table, flavour, opts)
     conv_inputs = {n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
     tensors = [t for t in plan(model, policy, set(opts.exclude)).activations if t in conv_inputs]
-    session_opts = ort.SessionOptions()
-    session_opts.log_severity_level = 3
     rows = []
     for tensor in tqdm(tensors, desc=f"sensitivity int8-{policy.flavour}", unit="tensor", disable=not progress):
         q, _ = quantize_onnx(model, ranges, policy, only_tensors={tensor}, weights=False)
-        present = {o.name for o in q.graph.output}
-        q.graph.output.extend(helper.make_tensor_value_info(h, TensorProto.FLOAT, None) for h in heads if h not in present)
-        session = ort.InferenceSession(q.SerializeToString(), session_opts, providers=["CPUExecutionProvider"])
+        session = session_with_outputs(q, heads)
         signal = noise = 0.0
         for batch, ref in zip(batches, refs):
             got = session.run(heads, {session.get_inputs()[0].name: batch})

@@ -16,6 +16,26 @@ from edgeq.errors import EdgeqError
 from edgeq.export.calibrators import TensorStats
 
 
+def session_with_outputs(model, names: list[str], *, basic: bool = False, threads: int | None = None):
+    """An ONNX Runtime session on ``model`` (a ModelProto, changed in place) that can also return
+    the intermediate tensors ``names``. ``basic``: only basic graph optimizations, so fusions do
+    not change what the observed tensors hold."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in dict.fromkeys(names) if name not in present
+    )
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if basic:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def observe_onnx(
     onnx_path: str | Path,
     tensors: list[str],
@@ -27,8 +47,6 @@ def observe_onnx(
 ) -> tuple[dict[str, TensorStats], int]:
     """Histograms of ``tensors`` over ``batches`` (N, 3, H, W float32); returns (stats, images seen)."""
     import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
     from tqdm import tqdm
 
     model = onnx.load(str(onnx_path))
@@ -38,17 +56,8 @@ def observe_onnx(
     unknown = [t for t in tensors if t not in produced and t != input_name]
     if unknown:
         raise EdgeqError(f"{onnx_path} has no tensor named {unknown[0]}")
-    present = {o.name for o in graph.output}
     fetch = [t for t in tensors if t != input_name]
-    for name in fetch:
-        if name not in present:
-            graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = session_with_outputs(model, fetch, basic=True, threads=threads)
     stats = {name: TensorStats() for name in tensors}
     seen = 0
     for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
@@ -70,20 +79,11 @@ _SESSIONS: dict[tuple[str, tuple[str, ...]], object] = {}
 def run_with_outputs(onnx_path: str | Path, names: list[str], batch: np.ndarray) -> list[np.ndarray]:
     """The values of ``names`` (intermediate tensors) for one batch; sessions are cached per file."""
     import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     key = (str(Path(onnx_path).resolve()), tuple(names))
     session = _SESSIONS.get(key)
     if session is None:
-        model = onnx.load(str(onnx_path))
-        present = {o.name for o in model.graph.output}
-        for name in names:
-            if name not in present:
-                model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = session_with_outputs(onnx.load(str(onnx_path)), names)
         while len(_SESSIONS) >= 4:  # keep a few large sessions alive, not every one ever made
             _SESSIONS.pop(next(iter(_SESSIONS)))
         _SESSIONS[key] = session

@@ -148,3 +148,8 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_imgsz(path: str | Path) -> int:
+    """The (square) input size an edgeq ONNX was exported at, from its ``edgeq.imgsz`` metadata."""
+    return int(json.loads(read_metadata(path).get("edgeq.imgsz", "[640]"))[0])

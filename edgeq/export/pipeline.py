@@ -199,6 +199,7 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
             table.extra["percentile"] = request.percentile
         result.artifacts["table"] = table.save(paths["table"])
     result.table = table
+    sensitivity_images: list | None = None  # loaded once, for every flavour that falls back
     for fmt in fmts:
         flavour = INT8_FORMATS[fmt]
         key = f"int8-{flavour}"
@@ -208,8 +209,9 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
             from edgeq.data.images import load_sample_images
             from edgeq.export.int8 import tensor_sensitivity
 
-            images = load_sample_images(request.data or _default_calib(), 4)
-            worst = tensor_sensitivity(paths["onnx"], table, flavour, images, opts, progress=request.progress)
+            if sensitivity_images is None:
+                sensitivity_images = load_sample_images(request.data or _default_calib(), 4)
+            worst = tensor_sensitivity(paths["onnx"], table, flavour, sensitivity_images, opts, progress=request.progress)
             worst = worst[:fallback]
             log.info("%s: %d most sensitive tensors left float: %s", key, len(worst),
                      ", ".join(f"{r['tensor']} (NSR {r['nsr']:.1e})" for r in worst))

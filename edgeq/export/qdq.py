@@ -164,13 +164,10 @@ class Plan:
     ties: list[tuple[str, str]] = field(default_factory=list)  # (tensor, tensor whose scale it takes)
 
 
-def plan(
-    model, policy: Policy | str, exclude: set[str] | frozenset[str] = frozenset(), only: set[str] | None = None
-) -> Plan:
+def plan(model, policy: Policy | str, exclude: set[str] | frozenset[str] = frozenset()) -> Plan:
     """Apply a policy's rules to ``model``'s graph: what gets quantized (nothing is changed yet).
 
-    ``exclude``: node names kept float; ``only``: if given, every other node is kept float (used
-    to measure one layer's effect in isolation).
+    ``exclude``: node names kept float.
     """
     policy = policy_for(policy) if isinstance(policy, str) else policy
     graph = model.graph
@@ -187,7 +184,7 @@ def plan(
         rule = policy.rules.get(node.op_type)
         if rule is None or node.name in decode:
             continue
-        if node.name in exclude or (only is not None and node.name not in only):
+        if node.name in exclude:
             result.excluded.append(node.name)
             continue
         indices = range(len(node.input)) if rule.inputs == "all" else rule.inputs
@@ -251,8 +248,12 @@ def activation_params(lo: float, hi: float, amax: float, mode: str) -> tuple[flo
 
 
 def _per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    w = np.moveaxis(weight.astype(np.float32), axis, 0).reshape(weight.shape[axis], -1)
-    scale = np.maximum(np.abs(w).max(axis=1) / 127.0, np.finfo(np.float32).eps).astype(np.float32)
+    """int8 weights and their float32 scales, with :func:`per_channel_symmetric`'s scale rule."""
+    import torch
+
+    from edgeq.export.calibrators import per_channel_symmetric
+
+    scale = per_channel_symmetric(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)), axis)[0].numpy()
     shape = [1] * weight.ndim
     shape[axis] = -1
     q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)
@@ -278,14 +279,13 @@ def quantize_onnx(
     policy: Policy | str,
     *,
     exclude: set[str] | frozenset[str] = frozenset(),
-    only: set[str] | None = None,
     float_tensors: set[str] | frozenset[str] = frozenset(),
     only_tensors: set[str] | None = None,
     weights: bool = True,
 ):
     """Return a copy of float ``model`` with Q/DQ pairs placed by ``policy``.
 
-    ``exclude``/``only`` select nodes (see :func:`plan`); ``float_tensors`` are activations left
+    ``exclude``: nodes kept float (see :func:`plan`); ``float_tensors`` are activations left
     without Q/DQ (the sensitivity fallback), ``only_tensors`` restricts activations to these, and
     ``weights=False`` leaves every weight float (both to measure one tensor in isolation).
 
@@ -293,12 +293,14 @@ def quantize_onnx(
     and ``ranges`` lacks is an error naming it (the table belongs to another model).
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
+    if model.opset_import[0].version < 13:
+        raise EdgeqError(f"per-channel Q/DQ needs opset >= 13, the float ONNX has {model.opset_import[0].version}")
     policy = policy_for(policy) if isinstance(policy, str) else policy
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    the_plan = plan(model, policy, exclude, only)
+    the_plan = plan(model, policy, exclude)
     the_plan.activations = [
         t for t in the_plan.activations if t not in float_tensors and (only_tensors is None or t in only_tensors)
     ]
@@ -313,7 +315,7 @@ def quantize_onnx(
             note="calibrate this model again (edgeq calibrate), or pass the table made for it",
         )
     consts = constants(graph)
-    dtypes = {"int8": (TensorProto.INT8, np.int8), "uint8": (TensorProto.UINT8, np.uint8)}
+    dtypes = {"int8": np.int8, "uint8": np.uint8}
     report = QuantizeReport(policy.flavour, excluded=list(the_plan.excluded), float_tensors=report_float)
     new_inits: list = []
     new_nodes: dict[int, list] = {}  # insert before node index
@@ -322,8 +324,21 @@ def quantize_onnx(
     def scalar_params(name: str, scale: float, zp: int, dtype: str) -> tuple[str, str]:
         s_name, z_name = f"{name}_scale", f"{name}_zero_point"
         new_inits.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name))
-        new_inits.append(numpy_helper.from_array(np.array(zp, dtype=dtypes[dtype][1]), z_name))
+        new_inits.append(numpy_helper.from_array(np.array(zp, dtype=dtypes[dtype]), z_name))
         return s_name, z_name
+
+    def dequantized_constant(base: str, values: np.ndarray, scale_name: str, zp_name: str, before: int, **attrs) -> str:
+        """A quantized initializer and the DequantizeLinear that reads it, placed before node ``before``."""
+        new_inits.append(numpy_helper.from_array(values, f"{base}_quantized"))
+        new_nodes.setdefault(before, []).append(helper.make_node(
+            "DequantizeLinear", [f"{base}_quantized", scale_name, zp_name], [f"{base}_dequantized"],
+            name=f"{base}_DequantizeLinear", **attrs))
+        return f"{base}_dequantized"
+
+    def channel_params(base: str, scale: np.ndarray, zp_dtype) -> tuple[str, str]:
+        new_inits.append(numpy_helper.from_array(scale, f"{base}_scale"))
+        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, zp_dtype), f"{base}_zero_point"))
+        return f"{base}_scale", f"{base}_zero_point"
 
     # 1. activations: one Q -> DQ pair per tensor, all consumers (but excluded nodes) rewired
     producer_index = {out: i for i, node in enumerate(graph.node) for out in node.output}
@@ -353,6 +368,7 @@ def quantize_onnx(
                 node.input[i] = rewire[name]
 
     # 2. weights (int8 per channel) and, for whole-unit flavours, int32 biases
+    source_of = {dq: tensor for tensor, dq in rewire.items()}
     by_name = {node.name: (i, node) for i, node in enumerate(graph.node)}
     for node_name in the_plan.weighted:
         index, node = by_name[node_name]
@@ -364,31 +380,15 @@ def quantize_onnx(
             axis = 0 if trans_b else 1
         q, scale = _per_channel(weight, axis)
         base = f"{node_name}_weight"
-        new_inits += [
-            numpy_helper.from_array(q, f"{base}_quantized"),
-            numpy_helper.from_array(scale, f"{base}_scale"),
-            numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zero_point"),
-        ]
-        dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", f"{base}_scale", f"{base}_zero_point"],
-                              [f"{base}_dequantized"], name=f"{base}_DequantizeLinear", axis=axis)
-        new_nodes.setdefault(index, []).append(dq)
-        node.input[1] = f"{base}_dequantized"
+        node.input[1] = dequantized_constant(base, q, *channel_params(base, scale, np.int8), index, axis=axis)
         report.weights += 1
-        source = _source_tensor(node.input[0], rewire)
+        source = source_of.get(node.input[0], node.input[0])
         if policy.quantize_bias and len(node.input) > 2 and node.input[2] in consts and source in params:
             bias = consts[node.input[2]].astype(np.float64)
             b_scale = (params[source][0] * scale.astype(np.float64)).astype(np.float32)
             b_q = np.clip(np.round(bias / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
-            b_base = f"{node_name}_bias"
-            new_inits += [
-                numpy_helper.from_array(b_q, f"{b_base}_quantized"),
-                numpy_helper.from_array(b_scale, f"{b_base}_scale"),
-                numpy_helper.from_array(np.zeros(b_scale.shape, np.int32), f"{b_base}_zero_point"),
-            ]
-            new_nodes[index].append(helper.make_node(
-                "DequantizeLinear", [f"{b_base}_quantized", f"{b_base}_scale", f"{b_base}_zero_point"],
-                [f"{b_base}_dequantized"], name=f"{b_base}_DequantizeLinear", axis=0))
-            node.input[2] = f"{b_base}_dequantized"
+            base = f"{node_name}_bias"
+            node.input[2] = dequantized_constant(base, b_q, *channel_params(base, b_scale, np.int32), index, axis=0)
 
     # 3. constant operands of elementwise ops (Add's +3, Mul's 1/6 ...)
     for node_name, names in the_plan.constants.items():
@@ -398,14 +398,10 @@ def quantize_onnx(
             lo, hi = float(min(value.min(), 0.0)), float(max(value.max(), 0.0))
             scale, zp, dtype = activation_params(lo, hi, max(abs(lo), abs(hi)), policy.activations)
             qmin, qmax = (0, 255) if dtype == "uint8" else (-128, 127)
-            q = np.clip(np.round(value / scale) + zp, qmin, qmax).astype(dtypes[dtype][1])
+            q = np.clip(np.round(value / scale) + zp, qmin, qmax).astype(dtypes[dtype])
             base = f"{node_name}_{name}".replace("/", "_")
-            new_inits.append(numpy_helper.from_array(q, f"{base}_quantized"))
-            s_name, z_name = scalar_params(base, scale, zp, dtype)
-            dq = helper.make_node("DequantizeLinear", [f"{base}_quantized", s_name, z_name], [f"{base}_dequantized"],
-                                  name=f"{base}_DequantizeLinear")
-            new_nodes.setdefault(index, []).append(dq)
-            node.input[list(node.input).index(name)] = f"{base}_dequantized"
+            node.input[list(node.input).index(name)] = dequantized_constant(
+                base, q, *scalar_params(base, scale, zp, dtype), index)
             report.constants += 1
 
     ordered = []
@@ -417,8 +413,6 @@ def quantize_onnx(
     graph.node.extend(ordered)
     graph.initializer.extend(new_inits)
     _drop_unused_initializers(graph)
-    if model.opset_import[0].version < 13:
-        raise EdgeqError(f"per-channel Q/DQ needs opset >= 13, the float ONNX has {model.opset_import[0].version}")
     return model, report
 
 
@@ -434,13 +428,6 @@ def _resolve_ties(ties: list[tuple[str, str]]) -> list[tuple[str, str]]:
         return name
 
     return [(tensor, root(tensor)) for tensor in target]
-
-
-def _source_tensor(name: str, rewire: dict[str, str]) -> str:
-    for src, dst in rewire.items():
-        if dst == name:
-            return src
-    return name
 
 
 def _drop_unused_initializers(graph) -> None:

@@ -1,21 +1,20 @@
 """The verification report: one self-contained page (Markdown or HTML) a person can read and forward.
 
 It holds the verdict against the budget, the table of backends (accuracy, drop, parity, time
-per image), the worst layers by SNR, each INT8 artifact's calibration settings and the versions
-of every backend. HTML embeds its plot as a data URI when matplotlib is installed (the ``report``
-extra); without it the page is complete minus the plot.
+per image), the SNR of every layer (worst first), histograms of the output errors, each INT8
+artifact's calibration settings and the versions of every backend. Charts are inline SVG
+(:mod:`edgeq.svg`): the HTML page has no script, no external resource and no plotting dependency.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime
 import html
-import io
 import platform
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.svg import bar_chart, histogram
 
 
 def versions() -> dict[str, str]:
@@ -61,6 +60,11 @@ def to_markdown(report: dict) -> str:
             lines += ["", f"## Worst layers of `{Path(a['artifact']).name}`", "",
                       "| layer | SNR dB | noise/signal added by the layer |", "|---|---|---|"]
             lines += [f"| `{r['node']}` | {r['snr_db']:.1f} | {r['added_nsr']:.4f} |" for r in a["worst_layers"]]
+        if _error_summary(a):
+            lines += ["", f"## Output error of `{Path(a['artifact']).name}` (artifact - float, parity images)", "",
+                      "| part | mean abs error | 99.9% of errors within | beyond |", "|---|---|---|---|"]
+            lines += [f"| {h['part']} | {h['mean_abs']:.3g} | +-{h['edges'][-1]:.3g} | {h['clipped']} |"
+                      for h in _error_summary(a)]
     calibrated = [a for a in report["artifacts"] if a.get("calibration")]
     if calibrated:
         lines += ["", "## Calibration", ""]
@@ -73,30 +77,14 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _snr_plot(report: dict) -> str | None:
-    """A PNG (base64) of the worst layers' SNR per artifact, or None without matplotlib."""
-    try:
-        import matplotlib
+def _layer_snrs(artifact: dict) -> tuple[list[str], list[float | None]]:
+    """Every Conv's SNR when verify kept them (worst first), else the worst layers alone."""
+    rows = artifact.get("layer_snr_db") or [[r["node"], r["snr_db"]] for r in artifact["worst_layers"]]
+    return [r[0] for r in rows], [r[1] for r in rows]
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    with_layers = [a for a in report["artifacts"] if a["worst_layers"]]
-    if not with_layers:
-        return None
-    fig, axes = plt.subplots(len(with_layers), 1, figsize=(8, 2.2 * len(with_layers)), squeeze=False)
-    for ax, a in zip(axes[:, 0], with_layers):
-        layers = a["worst_layers"]
-        ax.barh([r["node"] for r in layers][::-1], [r["snr_db"] for r in layers][::-1], color="#c0504d")
-        ax.set_xlabel("SNR of the Conv output vs float (dB), worst first")
-        ax.set_title(Path(a["artifact"]).name, fontsize=9)
-        ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+def _error_summary(artifact: dict) -> list[dict]:
+    return (artifact.get("parity") or {}).get("error_histograms") or []
 
 
 def to_html(report: dict) -> str:
@@ -116,15 +104,25 @@ def to_html(report: dict) -> str:
         "size; rel L2 and agreement from the parity images; ms/image inside the backend during evaluation.</p>",
         "<h2>Backends</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + f"</tr>{rows}</table>",
     ]
-    plot = _snr_plot(report)
     for a in report["artifacts"]:
+        name = Path(a["artifact"]).name
         if a["worst_layers"]:
             body = "".join(f"<tr><td><code>{esc(r['node'])}</code></td><td>{r['snr_db']:.1f}</td>"
                            f"<td>{r['added_nsr']:.4f}</td></tr>" for r in a["worst_layers"])
-            parts.append(f"<h2>Worst layers of <code>{esc(Path(a['artifact']).name)}</code></h2><table><tr><th>layer"
+            parts.append(f"<h2>Worst layers of <code>{esc(name)}</code></h2><table><tr><th>layer"
                          f"</th><th>SNR dB</th><th>noise/signal added</th></tr>{body}</table>")
-    if plot:
-        parts.append(f"<h2>SNR of the worst layers</h2><img alt='SNR per layer' src='data:image/png;base64,{plot}'>")
+            labels, values = _layer_snrs(a)
+            parts.append("<figure>" + bar_chart(labels, values, title=f"SNR of each Conv output vs float, worst "
+                                                f"first: {name}", unit="dB") + "</figure>")
+        hists = _error_summary(a)
+        if hists:
+            charts = "".join(
+                "<figure style='display:inline-block;margin:0 1em 1em 0'>"
+                + histogram(h["edges"], h["counts"], title=h["part"])
+                + f"<figcaption>mean |error| {h['mean_abs']:.3g}; {h['clipped']} beyond the range</figcaption></figure>"
+                for h in hists)
+            parts.append(f"<h2>Output error of <code>{esc(name)}</code></h2><p>artifact minus float on the parity "
+                         f"images, counts on a log scale; 99.9% of the errors lie in the range shown.</p>{charts}")
     calibrated = [a for a in report["artifacts"] if a.get("calibration")]
     if calibrated:
         items = "".join(

@@ -30,6 +30,7 @@ class ArtifactScore:
     drop50_95: float
     parity: dict = field(default_factory=dict)
     worst_layers: list[dict] = field(default_factory=list)
+    layer_snr_db: list[list] = field(default_factory=list)  # [node, SNR dB or None for exact] of every Conv, worst first
     passed: bool = True
     ms_per_image: float | None = None  # inside the backend during evaluation (batch 1, not a benchmark)
     calibration: dict = field(default_factory=dict)  # what an INT8 artifact records about its calibration
@@ -202,7 +203,10 @@ def verify(
                     if float_onnx is None:
                         float_onnx = (Path(str(weights)) if str(weights).endswith(".onnx") else
                                       _float_onnx_for(str(weights), reference["imgsz"], Path(tmp) / "float.onnx", trust))
-                    score.worst_layers = layer_snr(float_onnx, qonnx, list(parity_images)[:8], reference["imgsz"])[:layers]
+                    every = layer_snr(float_onnx, qonnx, list(parity_images)[:8], reference["imgsz"])
+                    score.worst_layers = every[:layers]
+                    score.layer_snr_db = [[r["node"], round(r["snr_db"], 2) if math.isfinite(r["snr_db"]) else None]
+                                          for r in every]
             if max_map_drop is not None:
                 score.passed = score.drop50_95 <= max_map_drop
             scores.append(score)

@@ -17,6 +17,7 @@ from edgeq.runtime.parity import (
     ParityResult,
     compare_outputs,
     detection_agreement,
+    error_histograms,
     format_parity_table,
     parity_check,
     tensor_metrics,
@@ -45,6 +46,23 @@ def test_zero_reference_and_shape_mismatch():
     assert (m["rel_l2"], m["snr_db"], m["cosine"]) == (math.inf, -math.inf, 0.0)
     with pytest.raises(EdgeqError, match=r"different shapes: reference \(1, 567, 8\), candidate \(1, 567, 9\)"):
         tensor_metrics(np.zeros((1, 567, 8)), np.zeros((1, 567, 9)))
+
+
+def test_error_histograms_split_a_detection_output():
+    ref = np.zeros((1, 4, 7))  # 4 anchors, 5 + 2 classes
+    ref[0, :2, 4] = 0.9  # two confident anchors
+    cand = ref.copy()
+    cand[0, 0, :4] += 2.0  # a confident box off by 2 px
+    cand[0, 3, :4] += 300.0  # an unconfident anchor's box: not counted
+    cand[0, 1, 4] -= 0.5  # one objectness error
+    box, obj, cls = error_histograms(ref, cand, bins=5)
+    assert box["part"].startswith("box") and sum(box["counts"]) == 8  # 2 confident anchors x 4 coordinates
+    assert box["edges"][-1] == pytest.approx(2.0, rel=1e-2) and box["counts"][-1] == 4 and box["counts"][2] == 4
+    assert sum(obj["counts"]) == 4 and obj["counts"][0] == 1 and obj["mean_abs"] == pytest.approx(0.125)
+    assert sum(cls["counts"]) == 8 and cls["counts"][2] == 8 and cls["clipped"] == 0
+    # values beyond the 99.9th percentile land in the end bins and are counted as clipped
+    flat = error_histograms(np.zeros(10_000), np.r_[np.zeros(9_990), np.full(10, 1e6)], bins=3)
+    assert [h["part"] for h in flat] == ["output"] and sum(flat[0]["counts"]) == 10_000 and flat[0]["clipped"] == 10
 
 
 def test_compare_outputs_names_each_output():

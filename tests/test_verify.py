@@ -40,8 +40,10 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     for name in ("good", "bad"):
         artifact = tmp_path / name / f"{STEM}.int8-ort.onnx"
         page = tmp_path / (f"{name}.html" if name == "good" else f"{name}.md")
+        # the good run also checks parity on 4 images and ranks layers: the page gets its charts
+        extra = ["--num-images", "4", "--layers"] if name == "good" else ["--num-images", "0"]
         rc = main(["verify", str(DEMO_WEIGHTS), str(artifact), "--data", str(data), "--max-map-drop", "1.0",
-                   "--num-images", "0", "--json", str(tmp_path / f"{name}.json"), "--report", str(page)])
+                   *extra, "--json", str(tmp_path / f"{name}.json"), "--report", str(page)])
         reports[name] = (rc, json.loads((tmp_path / f"{name}.json").read_text()))
     good_rc, good = reports["good"]
     bad_rc, bad = reports["bad"]
@@ -54,6 +56,13 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     page = (tmp_path / "good.html").read_text()
     assert "PASS" in page and f"{STEM}.int8-ort.onnx" in page and "percentile" in page and "onnxruntime" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "Output error of" in page and page.count("<svg") == 4  # the SNR bars + 3 error histograms
+    entry = good["artifacts"][0]
+    assert len(entry["worst_layers"]) == 5 and len(entry["layer_snr_db"]) > 50
+    box, obj, cls = entry["parity"]["error_histograms"]
+    assert box["part"].startswith("box") and obj["part"] == "objectness" and cls["part"] == "class scores"
+    assert sum(box["counts"]) > 20 and sum(obj["counts"]) > 1000 and sum(cls["counts"]) > 1000
+    _check_in_chromium(tmp_path / "good.html", tmp_path)
     md = (tmp_path / "bad.md").read_text()
     assert md.startswith("# edgeq verification: FAIL") and "minmax" in md and "| onnxruntime | int8-ort |" in md
 
@@ -64,6 +73,35 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     onnx_ref = json.loads((tmp_path / "onnx_ref.json").read_text())
     assert rc == 0 and onnx_ref["float"]["map50_95"] == pytest.approx(good["float"]["map50_95"], abs=2e-3)
     assert onnx_ref["artifacts"][0]["map50_95"] == good["artifacts"][0]["map50_95"]
+
+
+def _check_in_chromium(page, tmp_path):
+    """The page loads in headless Chromium with no console error, exception or failed resource."""
+    from browser import find_chromium, load_page
+
+    if find_chromium() is None:
+        warnings.warn("Chromium not installed: the report page was not loaded in a browser "
+                      "(apt-get install chromium-headless-shell)")
+        return
+    shot = tmp_path / "report.png"
+    seen = load_page(page, screenshot=shot)
+    assert seen["problems"] == [], seen["problems"]
+    assert seen["title"] == "edgeq verification" and "PASS" in seen["text"] and seen["svg_count"] == 4
+    assert shot.stat().st_size > 10_000
+
+
+def test_browser_check_sees_console_errors(tmp_path):
+    """The Chromium check can fail: a page with a console error, an exception and a missing image."""
+    from browser import find_chromium, load_page
+
+    if find_chromium() is None:
+        pytest.skip("Chromium not installed (apt-get install chromium-headless-shell)")
+    page = tmp_path / "bad.html"
+    page.write_text("<!DOCTYPE html><title>bad</title><img src='missing.png'>"
+                    "<script>console.error('broken'); notDefined();</script>")
+    problems = load_page(page)["problems"]
+    assert any("broken" in p for p in problems) and any("notDefined" in p for p in problems)
+    assert any("missing.png" in p for p in problems)
 
 
 def test_verify_refuses_missing_artifacts_and_bad_report_names(data, tmp_path, capsys):

@@ -253,7 +253,7 @@ def _per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]
 
     from edgeq.export.calibrators import per_channel_symmetric
 
-    scale = per_channel_symmetric(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)), axis)[0].numpy()
+    scale = per_channel_symmetric(torch.from_numpy(np.array(weight, dtype=np.float32)), axis)[0].numpy()  # a copy: writable
     shape = [1] * weight.ndim
     shape[axis] = -1
     q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)

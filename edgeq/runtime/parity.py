@@ -83,6 +83,40 @@ def compare_outputs(
     return rows
 
 
+def error_histograms(reference: np.ndarray, candidate: np.ndarray, bins: int = 41,
+                     confident_obj: float = 0.25) -> list[dict]:
+    """Histograms of the signed error (candidate - reference) of a detection output, per part.
+
+    A decoded output (..., 5 + classes) is split into box x/y/w/h (pixels, only where the float
+    model's objectness is at least ``confident_obj``), objectness and class scores, because their
+    errors live on different scales and matter differently; any other output is one part. Bins are symmetric around 0 and span the 99.9th percentile of the
+    absolute error; errors beyond it are counted in the end bins (``clipped`` says how many).
+    """
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(candidate, dtype=np.float64)
+    if a.shape != b.shape:
+        raise EdgeqError(f"cannot compare outputs of different shapes: reference {a.shape}, candidate {b.shape}")
+    err = b - a
+    if err.ndim >= 2 and err.shape[-1] >= 6:
+        confident = a[..., 4] >= confident_obj  # boxes of anchors that find nothing are never shown
+        box = err[confident][:, :4] if confident.any() else err[..., :4]
+        parts = [(f"box x, y, w, h (pixels), objectness >= {confident_obj:g}", box), ("objectness", err[..., 4]),
+                 ("class scores", err[..., 5:])]
+    else:
+        parts = [("output", err)]
+    out = []
+    for name, values in parts:
+        values = values.ravel()
+        finite = values[np.isfinite(values)]
+        span = float(np.percentile(np.abs(finite), 99.9)) if finite.size else 0.0
+        span = span if span > 0 else 1e-6
+        counts, edges = np.histogram(np.clip(finite, -span, span), bins=bins, range=(-span, span))
+        out.append({"part": name, "edges": edges.tolist(), "counts": counts.tolist(),
+                    "clipped": int((np.abs(finite) > span).sum()), "non_finite": int(values.size - finite.size),
+                    "mean_abs": float(np.abs(finite).mean()) if finite.size else 0.0})
+    return out
+
+
 def _visible(dets: np.ndarray) -> np.ndarray:
     """(K, 6) float64 detections with positive width and height."""
     dets = np.asarray(dets, dtype=np.float64).reshape(-1, 6)
@@ -134,6 +168,7 @@ class ParityResult:
     agreement: dict[str, Any] | None = None
     reference: str = ""
     candidate: str = ""
+    error_histograms: list[dict] = field(default_factory=list)
 
     def worst_rel_l2(self) -> float:
         values = [float(o["rel_l2"]) for o in self.outputs]
@@ -160,7 +195,8 @@ class ParityResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: non-finite floats become the strings "inf", "-inf", "nan"."""
         return _jsonable({"reference": self.reference, "candidate": self.candidate,
-                          "outputs": self.outputs, "agreement": self.agreement})
+                          "outputs": self.outputs, "agreement": self.agreement,
+                          "error_histograms": self.error_histograms})
 
 
 def _jsonable(value: Any) -> Any:
@@ -201,7 +237,7 @@ def parity_check(
     shapes = [info.orig_shape for info in infos]
     agreement = detection_agreement(ref_dets, cand_dets, shapes, reference.names, score_thres=score_thres)
     return ParityResult(outputs=outputs, agreement=agreement, reference=str(reference.backend.path),
-                        candidate=str(candidate.backend.path))
+                        candidate=str(candidate.backend.path), error_histograms=error_histograms(ref_raw, cand_raw))
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -231,7 +231,13 @@ def table_rows(report: dict, *, timing: bool = False) -> list[list[str]]:
     header = ["artifact", "backend", "flavour", "mAP50", "mAP50-95", "drop50", "drop50-95", "rel L2", "agree50-95",
               *(["ms/image"] if timing else []), "verdict"]
     f = report["float"]
-    rows = [header, ["float (PyTorch)", "torch", "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-",
+    reference = Path(report["weights"])
+    suffix_backend = {".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt"}
+    if reference.suffix in suffix_backend:  # verify --reference: a float artifact, no PyTorch
+        first, backend = f"float ({reference.name})", suffix_backend[reference.suffix]
+    else:
+        first, backend = "float (PyTorch)", "torch"
+    rows = [header, [first, backend, "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-",
                      *(["-"] if timing else []), ""]]
     for s in report["artifacts"]:
         out = (s["parity"].get("outputs") or [{}])[0]

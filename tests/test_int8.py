@@ -211,3 +211,13 @@ def test_cli_calibrate_then_export_from_the_table(exported, images, tmp_path, ca
     assert meta["edgeq.flavour"] == "int8-ort" and json.loads(meta["edgeq.int8"])["method"] == "mse"
     assert json.loads(meta["edgeq.int8"])["images"] == 4
     assert not (tmp_path / "out" / "m.calib.json").exists()  # the given table is reused, not rewritten
+
+
+def test_int8_with_a_fixed_batch_above_one_is_refused_before_any_work(tmp_path, capsys):
+    from edgeq.cli import main
+
+    out = tmp_path / "out"
+    assert main(["export", "--int8", "--batch", "4", "--format", "onnx", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--int8 with --batch 4" in err and "--dynamic" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -53,6 +53,6 @@ def calib_dir() -> Path:
     if not CALIB_DIR.is_dir():
         raise EdgeqError(
             f"the bundled calibration folder {CALIB_DIR} is missing",
-            note="pass --data with a folder of in-domain images",
+            note="point edgeq at a folder of in-domain images (export/calibrate: --data, verify: --images)",
         )
     return CALIB_DIR

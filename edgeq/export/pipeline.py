@@ -91,6 +91,10 @@ def export_model(
     See ``edgeq export --help``.
     """
     fmts = parse_formats(formats)
+    if int8 is not None and batch != 1 and not dynamic:
+        raise EdgeqError(f"--int8 with --batch {batch}: calibration and the sensitivity analysis feed one image at a "
+                         f"time, which a graph fixed at batch {batch} refuses",
+                         note="export with --dynamic (any batch, INT8 included) or without --batch")
     if Path(str(weights)).suffix == ".onnx":  # no torch on this path: a Jetson builds its engine here
         return _export_from_onnx(Path(weights), fmts, out_dir, half, batch, dynamic, force, workspace_gb)
 

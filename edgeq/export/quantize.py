@@ -24,7 +24,8 @@ Flavours (same statistics, different graphs):
   quantization places and fuses around them itself);
 * ``ort``: asymmetric uint8 activations and int8 per-channel weights, with Q/DQ on layer inputs
   *and* outputs so ONNX Runtime sees whole DQ -> Conv -> Q units it can run as integer kernels;
-* ``ov``: OpenVINO's choice, measured (see docs/BENCHMARKS.md); starts as the ``trt`` graph.
+* ``ov``: OpenVINO's choice, measured (see docs/BENCHMARKS.md): the ``trt`` placement with
+  asymmetric uint8 activations.
 
 The detection decode (sigmoid, grid and anchor arithmetic) is never quantized: the head's
 convolutions get quantized inputs and float outputs.
@@ -69,7 +70,7 @@ class Placement:
 PLACEMENTS = {
     "trt": Placement("trt"),
     "ort": Placement("ort", quantize_outputs=True, symmetric_activations=False),
-    "ov": Placement("ov"),
+    "ov": Placement("ov", symmetric_activations=False),  # as edgeq.export.qdq's "ov" policy
 }
 
 

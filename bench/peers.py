@@ -184,8 +184,9 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
             modelopt: str | None, only: list[str]) -> list[Method]:
     from edgeq.data.demo import calib_dir
     from edgeq.export.calib_table import collect
-    from edgeq.export.int8 import Int8Options, quantize_file, tensor_sensitivity
     from edgeq.data.images import load_sample_images
+    from edgeq.export.int8 import Int8Options, quantize_file, tensor_sensitivity
+    from edgeq.export.qdq import policy_for
 
     state: dict = {}
 
@@ -194,14 +195,20 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
                         progress=False)
         state["table"] = table
         sens = load_sample_images(calib_dir(), 4)
-        ranked = tensor_sensitivity(float_onnx, table, "ov", sens, progress=False)  # default fallback 8 for int8-ov
-        ov_onnx, _ = quantize_file(float_onnx, table, "ov", folder / "edgeq.int8-ov.onnx",
-                                   Int8Options(float_tensors=tuple(r["tensor"] for r in ranked[:8])))
-        ort, _ = quantize_file(float_onnx, table, "ort", folder / "edgeq.int8-ort.onnx")
+        fallback = {flavour: policy_for(flavour).default_fallback for flavour in ("ort", "ov")}
+        paths = {}
+        for flavour in ("ort", "ov"):
+            opts = Int8Options()
+            if fallback[flavour]:
+                ranked = tensor_sensitivity(float_onnx, table, flavour, sens, progress=False)
+                opts.float_tensors = tuple(r["tensor"] for r in ranked[: fallback[flavour]])
+            paths[flavour], _ = quantize_file(float_onnx, table, flavour, folder / f"edgeq.int8-{flavour}.onnx", opts)
+        ort, ov_onnx = paths["ort"], paths["ov"]
         return {"onnxruntime": ort, "openvino": to_ir(ov_onnx)}
 
     def edgeq_best(folder: Path) -> dict[str, Path]:
-        """The best settings in docs/BENCHMARKS.md's accuracy table, from the same table (no re-calibration)."""
+        """The most accurate settings of the session-2 accuracy table (ORT mse, OV minmax, 16 tensors float),
+        from the default's calibration table (no re-calibration)."""
         table = state["table"]
         sens = load_sample_images(calib_dir(), 4)
         out = {}
@@ -235,7 +242,7 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
         return build
 
     rows = [
-        Method("edgeq default (percentile; int8-ov: 8 tensors float)", edgeq_default),
+        Method("edgeq default (percentile; int8-ov: 8 tensors float)", edgeq_default),  # the policies' defaults
         Method("edgeq best (ORT: mse, OV: minmax; 16 tensors float)", edgeq_best,
                note="from the default's calibration table: its time is the sensitivity analysis and quantization"),
         Method("nncf.quantize defaults", nncf_(False)),

@@ -34,8 +34,9 @@ def calibration_batches(imgsz: int, count: int):
     return [preprocess_batch([im], imgsz)[0] for im in load_sample_images(calib_dir(), count)]
 
 
-def ort_quantize_static(float_onnx: Path, out: Path, batches) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def calibration_reader(batches):
+    """ONNX Runtime's calibration reader over preprocessed batches (input ``images``)."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -45,7 +46,13 @@ def ort_quantize_static(float_onnx: Path, out: Path, batches) -> Path:
             x = next(self.it, None)
             return None if x is None else {"images": x}
 
-    quantize_static(str(float_onnx), str(out), Reader(), quant_format=QuantFormat.QDQ,
+    return Reader()
+
+
+def ort_quantize_static(float_onnx: Path, out: Path, batches) -> Path:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(float_onnx), str(out), calibration_reader(batches), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
     return out
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_latency import calibration_batches, calibration_reader  # noqa: E402
 from latency import measure, random_checkpoint  # noqa: E402
 
 
@@ -56,20 +57,6 @@ class Method:
 # ---------------------------------------------------------------- peers
 
 
-def _reader(batches):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(batches)
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"images": x}
-
-    return Reader()
-
-
 def quantize_static(float_onnx: Path, out: Path, batches, *, best: bool, method: str = "MinMax") -> Path:
     """``best=False``: quantize_static's defaults; ``best=True``: u8/s8 per-channel, decode excluded."""
     import onnx
@@ -79,10 +66,10 @@ def quantize_static(float_onnx: Path, out: Path, batches, *, best: bool, method:
     from edgeq.export.qdq import decode_nodes
 
     if not best:
-        ort_quantize_static(str(float_onnx), str(out), _reader(batches), quant_format=QuantFormat.QDQ)
+        ort_quantize_static(str(float_onnx), str(out), calibration_reader(batches), quant_format=QuantFormat.QDQ)
         return out
     decode = sorted(decode_nodes(onnx.load(str(float_onnx)).graph))
-    ort_quantize_static(str(float_onnx), str(out), _reader(batches), quant_format=QuantFormat.QDQ,
+    ort_quantize_static(str(float_onnx), str(out), calibration_reader(batches), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         nodes_to_exclude=decode, calibrate_method=getattr(CalibrationMethod, method))
     return out
@@ -172,14 +159,6 @@ def to_ir(onnx_path: Path) -> Path:
     return export_openvino(onnx_path, onnx_path.with_suffix(".xml"))
 
 
-def calibration_batches(imgsz: int, count: int):
-    from edgeq.data.demo import calib_dir
-    from edgeq.data.images import load_sample_images
-    from edgeq.runtime.preprocess import preprocess_batch
-
-    return [preprocess_batch([im], imgsz)[0] for im in load_sample_images(calib_dir(), count)]
-
-
 def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches, quick: bool,
             modelopt: str | None, only: list[str]) -> list[Method]:
     from edgeq.data.demo import calib_dir
@@ -193,8 +172,8 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
     def edgeq_default(folder: Path) -> dict[str, Path]:
         table = collect(weights, calib_dir(), num_images=len(batches), imgsz=imgsz, float_onnx=float_onnx,
                         progress=False)
-        state["table"] = table
-        sens = load_sample_images(calib_dir(), 4)
+        state["table"], state["sens"] = table, load_sample_images(calib_dir(), 4)
+        sens = state["sens"]
         fallback = {flavour: policy_for(flavour).default_fallback for flavour in ("ort", "ov")}
         paths = {}
         for flavour in ("ort", "ov"):
@@ -209,8 +188,7 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
     def edgeq_best(folder: Path) -> dict[str, Path]:
         """The most accurate settings of the session-2 accuracy table (ORT mse, OV minmax, 16 tensors float),
         from the default's calibration table (no re-calibration)."""
-        table = state["table"]
-        sens = load_sample_images(calib_dir(), 4)
+        table, sens = state["table"], state["sens"]
         out = {}
         for flavour, method, backend in (("ort", "mse", "onnxruntime"), ("ov", "minmax", "openvino")):
             opts = Int8Options(method=method)

@@ -251,10 +251,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.weights = args.reference  # None: the demo checkpoint
     weights = _model_source(args.weights)
     if args.report:  # fail before the long evaluation, not after it
+        from edgeq.report import report_format
         from edgeq.utils.files import check_writable_dir
 
-        if Path(args.report).suffix.lower() not in (".html", ".htm", ".md", ".markdown"):
-            raise EdgeqError(f"--report {args.report}: use a .html or .md file name")
+        report_format(args.report)
         check_writable_dir(Path(args.report).parent if str(Path(args.report).parent) else Path("."))
     images = load_sample_images(args.images or calib_dir(), args.num_images) if args.num_images else []
     report = verify(weights, artifacts, args.data or demo_data_yaml(), max_map_drop=args.max_map_drop,

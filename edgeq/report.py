@@ -136,15 +136,20 @@ def to_html(report: dict) -> str:
     return "\n".join(parts)
 
 
+FORMATS = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}
+
+
+def report_format(path: str | Path) -> str:
+    """"md" or "html" from the file name; refused otherwise (checked before verify's long run)."""
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise EdgeqError(f"--report {path}: use a .html or .md file name")
+    return fmt
+
+
 def write_report(report: dict, path: str | Path) -> Path:
     """Write ``report`` (from :func:`edgeq.verify.verify`) as .md or .html, atomically."""
     from edgeq.utils.files import atomic_write_text
 
-    path = Path(path)
-    if path.suffix.lower() in (".md", ".markdown"):
-        text = to_markdown(report)
-    elif path.suffix.lower() in (".html", ".htm"):
-        text = to_html(report)
-    else:
-        raise EdgeqError(f"--report {path}: use a .html or .md file name")
-    return atomic_write_text(path, text)
+    render = to_markdown if report_format(path) == "md" else to_html
+    return atomic_write_text(Path(path), render(report))

@@ -110,6 +110,13 @@ def _float_onnx_for(weights: str, imgsz: int, out: Path, trust: bool) -> Path:
     return path
 
 
+def reference_backend(weights: str | Path) -> str:
+    """The backend the float reference runs on: "torch" for a checkpoint, else the artifact's own."""
+    from edgeq.runtime.backends import SUFFIXES
+
+    return SUFFIXES.get(Path(str(weights)).suffix.lower(), "torch")
+
+
 def _calibration_of(artifact: str) -> dict:
     """The ``edgeq.int8`` record of an INT8 artifact (ONNX metadata or IR rt_info), else {}."""
     import json
@@ -168,7 +175,7 @@ def verify(
     dataset = YoloDataset(data, split="val")
     references: dict[int, dict] = {}  # the float model, at each artifact's input size
 
-    float_artifact = Path(str(weights)).suffix in (".onnx", ".xml", ".engine")  # a device without torch
+    float_artifact = reference_backend(weights) != "torch"  # a float artifact: a device without torch
 
     def reference_at(size: int) -> dict:
         if size not in references:
@@ -231,12 +238,8 @@ def table_rows(report: dict, *, timing: bool = False) -> list[list[str]]:
     header = ["artifact", "backend", "flavour", "mAP50", "mAP50-95", "drop50", "drop50-95", "rel L2", "agree50-95",
               *(["ms/image"] if timing else []), "verdict"]
     f = report["float"]
-    reference = Path(report["weights"])
-    suffix_backend = {".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt"}
-    if reference.suffix in suffix_backend:  # verify --reference: a float artifact, no PyTorch
-        first, backend = f"float ({reference.name})", suffix_backend[reference.suffix]
-    else:
-        first, backend = "float (PyTorch)", "torch"
+    backend = reference_backend(report["weights"])
+    first = "float (PyTorch)" if backend == "torch" else f"float ({Path(report['weights']).name})"  # --reference
     rows = [header, [first, backend, "float", f"{f['map50']:.4f}", f"{f['map50_95']:.4f}", "-", "-", "-", "-",
                      *(["-"] if timing else []), ""]]
     for s in report["artifacts"]:

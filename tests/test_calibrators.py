@@ -254,3 +254,26 @@ def test_per_channel_weight_scales():
 def test_range_is_a_plain_value():
     r = Range(-1.0, 1.0, 1.0, "minmax")
     assert not r.degenerate and r == Range(-1.0, 1.0, 1.0, "minmax", False)
+
+
+def test_per_channel_min_max_is_exact_merges_and_round_trips():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 5, 4, 4)).astype(np.float32), rng.normal(3, 2, size=(1, 5, 4, 4)).astype(np.float32)
+    whole = TensorStats(channels=True)
+    whole.update(torch.from_numpy(a))
+    whole.update(torch.from_numpy(b))
+    both = np.concatenate([a, b])
+    lo, hi = whole.channel_range
+    np.testing.assert_array_equal(lo, both.min(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(hi, both.max(axis=(0, 2, 3)))
+    first, second = TensorStats(channels=True), TensorStats(channels=True)
+    first.update(torch.from_numpy(a))
+    second.update(torch.from_numpy(b))
+    np.testing.assert_array_equal(first.merge(second).channel_range[1], hi)
+    restored = TensorStats.from_state(json.loads(json.dumps(whole.to_state())))
+    np.testing.assert_array_equal(restored.channel_range[0], lo)
+    plain = TensorStats()
+    plain.update(torch.from_numpy(a))
+    assert plain.channel_range is None and "channel_min" not in plain.to_state()
+    with pytest.raises(EdgeqError, match="channels"):
+        whole.update(torch.zeros(2, 6, 4, 4))

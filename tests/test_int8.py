@@ -121,8 +121,51 @@ def test_ort_flavour_fuses_into_integer_kernels(exported, tmp_path):
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(result.artifacts["int8-ort"]), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    convs = sum(op == "Conv" for op in ops)
-    assert ops.count("QLinearConv") > 10 * max(convs, 1)  # nearly every Conv runs as an integer kernel
+    # every Conv runs as an integer kernel, the head's three included (per-channel output ranges)
+    assert "Conv" not in ops and ops.count("QLinearConv") == sum(n.op_type == "Conv" for n in onnx.load(
+        str(result.artifacts["onnx"])).graph.node)
+
+
+def test_ort_head_outputs_get_per_channel_ranges(exported, images, tmp_path, caplog):
+    import onnxruntime as ort
+
+    from edgeq.export.onnx_export import read_metadata
+    from edgeq.export.qdq import NORMALIZED_SUFFIX, head_tensors, normalize_heads
+
+    _, result = exported
+    float_proto = onnx.load(str(result.artifacts["onnx"]))
+    heads = head_tensors(float_proto.graph)
+    channel = result.table.channel_ranges()
+    assert set(channel) == set(heads)
+    for lo, hi in channel.values():
+        assert lo.shape == (3 * (5 + 3),) and np.all(lo <= hi) and np.any(lo < hi)
+    # the table keeps them
+    reloaded = CalibrationTable.load(result.table.save(tmp_path / "t.json")).channel_ranges()
+    assert all(np.array_equal(reloaded[h][0], channel[h][0]) for h in heads)
+
+    # folding the ranges into the convolutions changes nothing in float
+    folded = onnx.ModelProto.FromString(float_proto.SerializeToString())
+    assert set(normalize_heads(folded, channel)) == {h + NORMALIZED_SUFFIX for h in heads}
+    x = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
+    ref, got = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+                for m in (float_proto, folded))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
+
+    proto = onnx.load(str(result.artifacts["int8-ort"]))
+    quantized = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+    assert {h + NORMALIZED_SUFFIX for h in heads} <= quantized and not quantized & set(heads)
+    assert json.loads(read_metadata(result.artifacts["int8-ort"])["edgeq.int8"])["head_outputs"] == "per-channel"
+
+    # a table from before per-channel head ranges: said loudly, the head stays float
+    data = json.loads((tmp_path / "t.json").read_text())
+    for entry in data["tensors"].values():
+        entry["stats"].pop("channel_min", None), entry["stats"].pop("channel_max", None)
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING", logger="edgeq"):
+        path, report = quantize_file(result.artifacts["onnx"], CalibrationTable.load(tmp_path / "old.json"), "ort",
+                                     tmp_path / "old.int8-ort.onnx")
+    assert "no per-channel ranges for the head outputs" in caplog.text and report.head_outputs == "float"
+    assert not any(n.output[0].endswith(NORMALIZED_SUFFIX) for n in onnx.load(str(path)).graph.node)
 
 
 def test_int8_artifacts_run_close_to_float_on_their_backends(exported, images):

@@ -115,6 +115,10 @@ class CalibrationTable:
                 )
             point.stats = stats
 
+    def channel_ranges(self) -> dict:
+        """tensor -> per-channel (min, max) arrays, for the tensors observed per channel (head outputs)."""
+        return {name: stats.channel_range for name, stats in self.tensors.items() if stats.channel_range is not None}
+
     def ranges(self, method: str | None = None, *, symmetric: bool, percentile: float | None = None) -> dict:
         """tensor -> (lo, hi, amax) chosen by a calibrator (the table's own method by default)."""
         from edgeq.export.calibrators import compute_range
@@ -164,7 +168,7 @@ def collect(
     from edgeq import __version__
     from edgeq.data.images import iter_images, list_images
     from edgeq.export.observe import observe_onnx
-    from edgeq.export.qdq import candidate_tensors
+    from edgeq.export.qdq import candidate_tensors, head_tensors
     from edgeq.runtime.preprocess import preprocess_batch
 
     if method not in METHODS:
@@ -192,8 +196,10 @@ def collect(
                 yield preprocess_batch([image], size)[0]
 
         points = torch_points(graph)  # the PyTorch fake-quant model's points too (head outputs included)
-        tensors = list(dict.fromkeys([*candidate_tensors(graph), *points.values()]))
-        stats, seen = observe_onnx(float_onnx, tensors, batches(), total=len(paths), progress=progress)
+        heads = head_tensors(graph.graph)  # per-channel ranges too: int8-ort quantizes them per channel
+        tensors = list(dict.fromkeys([*candidate_tensors(graph), *points.values(), *heads]))
+        stats, seen = observe_onnx(float_onnx, tensors, batches(), total=len(paths), progress=progress,
+                                   channel_tensors=heads)
     table = CalibrationTable(
         tensors=stats,
         method=method,

@@ -185,7 +185,7 @@ class TensorStats:
     under range growth and merges.
     """
 
-    def __init__(self, bins: int = DEFAULT_BINS):
+    def __init__(self, bins: int = DEFAULT_BINS, *, channels: bool = False):
         if bins < 256:
             raise ValueError(f"TensorStats needs at least 256 bins (entropy uses 128 levels), got {bins}")
         self.bins = int(bins)
@@ -194,6 +194,11 @@ class TensorStats:
         self._max = -math.inf
         self._abs: Histogram | None = None
         self._signed: Histogram | None = None
+        # per-channel (axis 1) min and max, kept for the head convolutions' outputs, whose
+        # channels (box offsets, sizes, objectness, class logits) span very different ranges
+        self.track_channels = bool(channels)
+        self._channel_min: np.ndarray | None = None
+        self._channel_max: np.ndarray | None = None
 
     # -- accumulate
 
@@ -208,6 +213,8 @@ class TensorStats:
                 "an observed activation contains NaN or infinite values; it cannot be calibrated",
                 note="check the calibration images and the float model's output on them",
             )
+        if self.track_channels:
+            self._update_channels(torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float32).numpy())
         self._count += flat.size
         self._min, self._max = min(self._min, lo), max(self._max, hi)
         self._abs = self._widened(self._abs, 0.0, self.amax)
@@ -224,11 +231,28 @@ class TensorStats:
             raise EdgeqError(f"cannot merge statistics with {other.bins} bins into {self.bins} bins")
         if other.n_values == 0:
             return self
+        if self.track_channels and other._channel_min is not None:
+            self._merge_channels(other._channel_min, other._channel_max)
         self._count += other._count
         self._min, self._max = min(self._min, other._min), max(self._max, other._max)
         self._abs = self._combined(self._abs, other._abs, 0.0, self.amax)
         self._signed = self._combined(self._signed, other._signed, self._min, self._max)
         return self
+
+    def _update_channels(self, x: np.ndarray) -> None:
+        if x.ndim < 2:
+            raise EdgeqError(f"per-channel statistics need a tensor with a channel axis, got shape {x.shape}")
+        axes = tuple(i for i in range(x.ndim) if i != 1)
+        self._merge_channels(x.min(axis=axes), x.max(axis=axes))
+
+    def _merge_channels(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        if self._channel_min is None:
+            self._channel_min, self._channel_max = lo.astype(np.float64), hi.astype(np.float64)
+            return
+        if lo.shape != self._channel_min.shape:
+            raise EdgeqError(f"per-channel statistics: {lo.shape[0]} channels, {self._channel_min.shape[0]} before")
+        self._channel_min = np.minimum(self._channel_min, lo)
+        self._channel_max = np.maximum(self._channel_max, hi)
 
     def _widened(self, hist: Histogram | None, lo: float, hi: float) -> Histogram:
         exponent, origin = _window(lo, hi, self.bins)
@@ -265,6 +289,13 @@ class TensorStats:
         return self._count > 0 and self._min == self._max
 
     @property
+    def channel_range(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-channel (min, max) along axis 1, when tracked and observed; else None."""
+        if self._channel_min is None:
+            return None
+        return self._channel_min.copy(), self._channel_max.copy()
+
+    @property
     def abs_hist(self) -> Histogram:
         return self._require(self._abs)
 
@@ -290,6 +321,8 @@ class TensorStats:
             "max": None if empty else self._max,
             "abs": _hist_state(self._abs),
             "signed": _hist_state(self._signed),
+            **({} if self._channel_min is None else {
+                "channel_min": self._channel_min.tolist(), "channel_max": self._channel_max.tolist()}),
         }
 
     @classmethod
@@ -303,6 +336,12 @@ class TensorStats:
                 stats._min, stats._max = float(state["min"]), float(state["max"])
             stats._abs = _hist_from_state(state["abs"], stats.bins)
             stats._signed = _hist_from_state(state["signed"], stats.bins)
+            if "channel_min" in state:
+                stats.track_channels = True
+                stats._channel_min = np.asarray(state["channel_min"], dtype=np.float64)
+                stats._channel_max = np.asarray(state["channel_max"], dtype=np.float64)
+                if stats._channel_min.shape != stats._channel_max.shape or stats._channel_min.ndim != 1:
+                    raise ValueError("channel_min and channel_max differ in shape")
         except (KeyError, TypeError, ValueError) as err:
             raise EdgeqError(
                 f"malformed activation statistics: {err!r}",

@@ -7,6 +7,7 @@ metadata (``edgeq.flavour``), so a runtime can refuse a flavour made for another
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.export.calib_table import CalibrationTable
-from edgeq.export.qdq import QuantizeReport, policy_for, quantize_onnx
+from edgeq.export.qdq import QuantizeReport, head_tensors, policy_for, quantize_onnx
+
+log = logging.getLogger("edgeq")
 
 
 @dataclass
@@ -48,8 +51,13 @@ def quantize_file(
     opts = opts or Int8Options()
     policy = policy_for(flavour)
     model = onnx.load(str(float_onnx))
+    head_ranges = table.channel_ranges() if policy.head_outputs == "per-channel" else None
+    if policy.head_outputs == "per-channel" and not head_ranges:
+        log.warning("the calibration table has no per-channel ranges for the head outputs (it predates them): "
+                    "the head convolutions of int8-%s stay float, which is slower; calibrate again to quantize them",
+                    policy.flavour)
     q, report = quantize_onnx(model, flavour_ranges(table, flavour, opts), policy, exclude=set(opts.exclude),
-                              float_tensors=set(opts.float_tensors))
+                              float_tensors=set(opts.float_tensors), head_ranges=head_ranges)
     set_metadata(q, {
         "edgeq.flavour": f"int8-{policy.flavour}",
         "edgeq.int8": json.dumps({
@@ -58,6 +66,7 @@ def quantize_file(
             "images": table.image_count,
             "image_list_sha256": table.image_list_sha256,
             "placement": policy.note,
+            "head_outputs": report.head_outputs,
             "float_nodes": list(opts.exclude),
             "float_tensors": list(opts.float_tensors),
         }),
@@ -69,15 +78,6 @@ def quantize_file(
     except OSError as exc:
         raise EdgeqError(f"cannot write {out_path}: {exc.strerror or exc}") from None
     return out_path, report
-
-
-def head_tensors(graph) -> list[str]:
-    """The head convolutions' outputs: what the decode turns into boxes and scores."""
-    from edgeq.export.qdq import decode_nodes
-
-    decode = decode_nodes(graph)
-    feeds = {name: n for n in graph.node if n.name in decode for name in n.input}
-    return [n.output[0] for n in graph.node if n.op_type == "Conv" and n.output[0] in feeds]
 
 
 def tensor_sensitivity(

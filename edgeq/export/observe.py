@@ -8,7 +8,7 @@ Memory stays bounded: every tensor is folded into a histogram and dropped.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 
@@ -44,8 +44,12 @@ def observe_onnx(
     total: int | None = None,
     progress: bool = True,
     threads: int | None = None,
+    channel_tensors: Collection[str] = (),
 ) -> tuple[dict[str, TensorStats], int]:
-    """Histograms of ``tensors`` over ``batches`` (N, 3, H, W float32); returns (stats, images seen)."""
+    """Histograms of ``tensors`` over ``batches`` (N, 3, H, W float32); returns (stats, images seen).
+
+    ``channel_tensors`` (a subset of ``tensors``) also get per-channel min/max.
+    """
     import onnx
     from tqdm import tqdm
 
@@ -58,7 +62,7 @@ def observe_onnx(
         raise EdgeqError(f"{onnx_path} has no tensor named {unknown[0]}")
     fetch = [t for t in tensors if t != input_name]
     session = session_with_outputs(model, fetch, basic=True, threads=threads)
-    stats = {name: TensorStats() for name in tensors}
+    stats = {name: TensorStats(channels=name in channel_tensors) for name in tensors}
     seen = 0
     for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
         batch = np.ascontiguousarray(batch, dtype=np.float32)

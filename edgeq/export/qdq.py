@@ -8,8 +8,10 @@ one to a float ONNX with ranges from a calibration table.
 Always, whatever the flavour:
 
 * the detection decode (every node after the last convolution: sigmoid, grid and anchor
-  arithmetic, the final concat) stays float; the head convolutions get quantized inputs and
-  weights and float outputs (:func:`decode_nodes`);
+  arithmetic, the final concat) stays float (:func:`decode_nodes`); the head convolutions get
+  quantized inputs and weights, and float outputs, or, where a flavour's integer kernels need a
+  quantized output (ONNX Runtime), per-channel ranges folded into the convolution
+  (:func:`normalize_heads`);
 * weights are int8, symmetric, per output channel, range [-127, 127] (TensorRT's rule);
 * a tensor gets at most one Q/DQ pair, shared by all its consumers, so a residual branch or a
   Concat input is quantized once with one scale.
@@ -46,7 +48,10 @@ class Policy:
     activations: str  # "int8" (symmetric, zero point 0), "uint8" (asymmetric) or "auto8" (uint8 zp 0 when >= 0, else int8)
     rules: dict[str, OpRule]
     quantize_bias: bool = False  # int32 bias with scale = input scale x weight scale (ONNX Runtime's QLinearConv)
-    head_outputs: bool = False  # quantize the head convolutions' outputs (the decode after them stays float)
+    # the head convolutions' outputs (box and score logits, read by the float decode):
+    # "float"; "per-tensor" (one scale: cost 2.4-3.0 mAP50-95 points on the demo); "per-channel"
+    # (each channel's calibrated range folded into the convolution, :func:`normalize_heads`)
+    head_outputs: str = "float"
     note: str = ""
     # activation tensors the sensitivity analysis leaves float by default (export --fallback):
     # chosen per backend by measuring accuracy and speed together (docs/BENCHMARKS.md)
@@ -66,8 +71,10 @@ POLICIES: dict[str, Policy] = {
     ),
     # ONNX Runtime's CPU provider turns DQ -> op -> Q units into QLinear* kernels; a unit that is
     # not closed by a Q on its output stays float, so every op on the path is quantized. The
-    # head convolutions' outputs (box and score logits) stay float: quantizing them cost 2.4
-    # mAP50-95 points on the demo model (docs/BENCHMARKS.md) for three small 1x1 convolutions.
+    # head convolutions' outputs (box and score logits) get per-channel ranges: one per-tensor
+    # scale cost 2.4 mAP50-95 points on the demo, float outputs left the three head convolutions
+    # in float (7-10 % of the 640 model's INT8 latency), per-channel costs ~0.1 point
+    # (docs/BENCHMARKS.md).
     "ort": Policy(
         "ort", "onnxruntime", "uint8",
         {
@@ -84,6 +91,7 @@ POLICIES: dict[str, Policy] = {
             "Resize": OpRule((0,), output=True, tie="output"),
         },
         quantize_bias=True,
+        head_outputs="per-channel",
         note="uint8 asymmetric activations, whole DQ -> op -> Q units (ONNX Runtime QLinear kernels)",
     ),
     # OpenVINO: measured on the demo model at 320 (docs/BENCHMARKS.md): Q/DQ on Conv/MatMul
@@ -154,6 +162,79 @@ def decode_nodes(graph) -> set[str]:
         sys.setrecursionlimit(limit)
 
 
+def head_tensors(graph) -> list[str]:
+    """The head convolutions' outputs: what the decode turns into boxes and scores."""
+    decode = decode_nodes(graph)
+    feeds = {name for n in graph.node if n.name in decode for name in n.input}
+    return [n.output[0] for n in graph.node if n.op_type == "Conv" and n.output[0] in feeds]
+
+
+# Every head output goes through a sigmoid. Beyond +-LOGIT_LIMIT it is flat (sigmoid(-8) = 3e-4,
+# under the usual 0.001 confidence threshold even before objectness x class): clipping the
+# calibrated range there spends the 256 levels where a logit still moves a box or a score.
+LOGIT_LIMIT = 8.0
+NORMALIZED_SUFFIX = "_normalized"
+
+
+def normalize_heads(model, channel_ranges: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[float, float, float]]:
+    """Fold each head convolution's per-channel output range into its weights (in place).
+
+    The convolution then writes ``(y - mid) / half`` (every channel in [-1, 1], so one per-tensor
+    scale fits them all: what QLinearConv's scalar output scale needs), and a float Mul + Add in
+    the decode restores ``y`` under its old name. Returns the ranges of the new tensors.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    ordered, ranges = [], {}
+    for node in graph.node:
+        ordered.append(node)
+        out = node.output[0] if node.output else ""
+        if node.op_type != "Conv" or out not in channel_ranges:
+            continue
+        lo, hi = (np.asarray(v, dtype=np.float64) for v in channel_ranges[out])
+        lo, hi = np.clip(lo, -LOGIT_LIMIT, LOGIT_LIMIT), np.clip(hi, -LOGIT_LIMIT, LOGIT_LIMIT)
+        hi = np.maximum(hi, lo + 1e-3)  # a constant channel (blank calibration images) still gets a scale
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        weight_name = node.input[1]
+        if weight_name not in inits or users.get(weight_name, 0) != 1:
+            raise EdgeqError(f"{node.name}: its weight {weight_name} is not a constant of its own; cannot fold the "
+                             "head's per-channel ranges into it")
+        weight = numpy_helper.to_array(inits[weight_name]).astype(np.float64)
+        if weight.shape[0] != lo.shape[0]:
+            raise EdgeqError(f"{node.name}: {weight.shape[0]} output channels, the calibration table has ranges for "
+                             f"{lo.shape[0]}", note="the table was made for another model; calibrate again")
+        inits[weight_name].CopyFrom(numpy_helper.from_array(
+            (weight / half.reshape(-1, *[1] * (weight.ndim - 1))).astype(np.float32), weight_name))
+        if len(node.input) > 2 and node.input[2]:
+            if users.get(node.input[2], 0) != 1 or node.input[2] not in inits:
+                raise EdgeqError(f"{node.name}: its bias {node.input[2]} is not a constant of its own")
+            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+            inits[node.input[2]].CopyFrom(numpy_helper.from_array(((bias - mid) / half).astype(np.float32), node.input[2]))
+        else:
+            graph.initializer.append(numpy_helper.from_array((-mid / half).astype(np.float32), f"{out}_bias"))
+            node.input[2:] = [f"{out}_bias"] if len(node.input) == 2 else node.input[2:]
+        normalized = out + NORMALIZED_SUFFIX
+        node.output[0] = normalized
+        shape = (1, -1) + (1,) * (weight.ndim - 2)
+        graph.initializer.extend([
+            numpy_helper.from_array(half.reshape(shape).astype(np.float32), f"{out}_half_range"),
+            numpy_helper.from_array(mid.reshape(shape).astype(np.float32), f"{out}_mid_range"),
+        ])
+        ordered.append(helper.make_node("Mul", [normalized, f"{out}_half_range"], [f"{out}_rescaled"],
+                                        name=f"{node.name}_rescale"))
+        ordered.append(helper.make_node("Add", [f"{out}_rescaled", f"{out}_mid_range"], [out], name=f"{node.name}_recenter"))
+        ranges[normalized] = (-1.0, 1.0, 1.0)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return ranges
+
+
 @dataclass
 class Plan:
     """The tensors one flavour quantizes in one graph."""
@@ -169,7 +250,7 @@ class Plan:
 def plan(model, policy: Policy | str, exclude: set[str] | frozenset[str] = frozenset()) -> Plan:
     """Apply a policy's rules to ``model``'s graph: what gets quantized (nothing is changed yet).
 
-    ``exclude``: node names kept float.
+    ``exclude``: node names kept float. Per-channel head outputs are added by :func:`quantize_onnx`.
     """
     policy = policy_for(policy) if isinstance(policy, str) else policy
     graph = model.graph
@@ -204,11 +285,12 @@ def plan(model, policy: Policy | str, exclude: set[str] | frozenset[str] = froze
             if node.input[weight_index] not in consts:
                 raise EdgeqError(f"{node.name}: its weight {node.input[weight_index]} is not a constant; cannot quantize it")
             result.weighted.append(node.name)
-        if rule.output or (policy.head_outputs and node.op_type in WEIGHTED):
-            out = node.output[0]
+        out = node.output[0]
+        head_quantized = node.op_type in WEIGHTED and policy.head_outputs == "per-tensor"
+        if rule.output or head_quantized:
             users = consumers.get(out, [])
             into_decode = any(u.name in decode for u in users)
-            if out not in graph_outputs and users and (policy.head_outputs or not into_decode):
+            if out not in graph_outputs and users and (head_quantized or not into_decode):
                 chosen[out] = None
                 if rule.tie == "output":
                     result.ties.append((out, node.input[0]))
@@ -273,6 +355,7 @@ class QuantizeReport:
     constants: int = 0
     excluded: list[str] = field(default_factory=list)
     float_tensors: list[str] = field(default_factory=list)
+    head_outputs: str = "float"  # how the head convolutions' outputs were left: float, per-tensor, per-channel
 
 
 def quantize_onnx(
@@ -284,6 +367,7 @@ def quantize_onnx(
     float_tensors: set[str] | frozenset[str] = frozenset(),
     only_tensors: set[str] | None = None,
     weights: bool = True,
+    head_ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ):
     """Return a copy of float ``model`` with Q/DQ pairs placed by ``policy``.
 
@@ -293,6 +377,8 @@ def quantize_onnx(
 
     ``ranges``: tensor name -> (lo, hi, amax) chosen by a calibrator. A tensor the plan needs
     and ``ranges`` lacks is an error naming it (the table belongs to another model).
+    ``head_ranges``: head output -> per-channel (min, max), for a "per-channel" policy; without
+    them the head outputs stay float.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -316,9 +402,23 @@ def quantize_onnx(
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
             note="calibrate this model again (edgeq calibrate), or pass the table made for it",
         )
+    heads: frozenset[str] = frozenset()
+    if policy.head_outputs == "per-channel" and head_ranges and only_tensors is None:
+        outputs = [n.output[0] for n in graph.node if n.output and n.output[0] in set(head_tensors(graph))
+                   and n.name not in exclude]
+        absent = [t for t in outputs if t not in head_ranges]
+        if absent:
+            raise EdgeqError(f"the calibration table does not match this model: no per-channel range for head "
+                             f"output {absent[0]}", note="calibrate this model again (edgeq calibrate), or pass the "
+                             "table made for it")
+        normalized = normalize_heads(model, {t: head_ranges[t] for t in outputs})  # the plan's nodes, renamed
+        ranges = {**ranges, **normalized}
+        heads = frozenset(normalized)
+        the_plan.activations.extend(normalized)
     consts = constants(graph)
     dtypes = {"int8": np.int8, "uint8": np.uint8}
-    report = QuantizeReport(policy.flavour, excluded=list(the_plan.excluded), float_tensors=report_float)
+    report = QuantizeReport(policy.flavour, excluded=list(the_plan.excluded), float_tensors=report_float,
+                            head_outputs="per-channel" if heads else "per-tensor" if policy.head_outputs == "per-tensor" else "float")
     new_inits: list = []
     new_nodes: dict[int, list] = {}  # insert before node index
     params: dict[str, tuple[float, int, str]] = {}

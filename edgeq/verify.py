@@ -64,6 +64,7 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
     import onnx
 
     from edgeq.export.observe import run_with_outputs
+    from edgeq.export.qdq import NORMALIZED_SUFFIX
     from edgeq.runtime.preprocess import preprocess_batch
 
     qgraph = onnx.load(str(quant_onnx), load_external_data=False).graph
@@ -72,8 +73,11 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
     convs = []
     for n in qgraph.node:
         src = n.input[0].removesuffix("_dequantized") if n.input else ""
-        if n.op_type == "Conv" and n.output[0] in fnames and src in fnames:
-            convs.append((n.name, n.input[0], src, n.output[0]))
+        out = n.output[0] if n.output else ""
+        if out.endswith(NORMALIZED_SUFFIX) and out.removesuffix(NORMALIZED_SUFFIX) in fnames:
+            out = out.removesuffix(NORMALIZED_SUFFIX)  # a head with per-channel ranges: the restored logits
+        if n.op_type == "Conv" and out in fnames and src in fnames:
+            convs.append((n.name, n.input[0], src, out))
     if not convs:
         raise EdgeqError(f"{quant_onnx} shares no Conv tensor with the float model; is it an edgeq export?")
     fetch_q = list(dict.fromkeys([c[1] for c in convs] + [c[3] for c in convs]))

@@ -155,6 +155,13 @@ def test_ort_head_outputs_get_per_channel_ranges(exported, images, tmp_path, cap
     quantized = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
     assert {h + NORMALIZED_SUFFIX for h in heads} <= quantized and not quantized & set(heads)
     assert json.loads(read_metadata(result.artifacts["int8-ort"])["edgeq.int8"])["head_outputs"] == "per-channel"
+    # verify --layers still ranks the head convolutions, by the logits they restore
+    from edgeq.data.images import load_sample_images
+    from edgeq.verify import layer_snr
+
+    rows = layer_snr(result.artifacts["onnx"], result.artifacts["int8-ort"], load_sample_images(images, 1), S)
+    snr = {r["tensor"]: r["snr_db"] for r in rows}
+    assert all(10 < snr[h] < 80 for h in heads), [snr.get(h) for h in heads]  # quantized, not lost
 
     # a table from before per-channel head ranges: said loudly, the head stays float
     data = json.loads((tmp_path / "t.json").read_text())

@@ -96,15 +96,16 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
     t0 = time.perf_counter()
     nn = nncf_quantize(arts["onnx"], folder / "nncf.xml", batches)
     timings["nncf.quantize"] = time.perf_counter() - t0
+    float_count = {k: len(res.int8_reports[k].float_tensors) for k in ("int8-ort", "int8-ov")}  # the NSR floor decides
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         runners = {
             "ONNX Runtime fp32": load_backend(arts["onnx"], threads=threads, spin=False),
-            "ONNX Runtime, edgeq int8-ort (default: fallback 0)": load_backend(arts["int8-ort"], threads=threads, spin=False),
+            f"ONNX Runtime, edgeq int8-ort (default: {float_count['int8-ort']} tensors float)": load_backend(arts["int8-ort"], threads=threads, spin=False),
             "ONNX Runtime, edgeq int8-ort, fallback 16": load_backend(no_fb["ort"], threads=threads, spin=False),
             "ONNX Runtime, quantize_static (QDQ u8/s8 per-channel)": load_backend(qs, threads=threads, spin=False),
             "OpenVINO f32": load_backend(arts["openvino"], threads=threads, precision="f32"),
-            "OpenVINO, edgeq int8-ov (default: fallback 8)": load_backend(arts["int8-ov-ir"], threads=threads,
+            f"OpenVINO, edgeq int8-ov (default: {float_count['int8-ov']} tensors float)": load_backend(arts["int8-ov-ir"], threads=threads,
                                                                            precision="f32"),
             "OpenVINO, edgeq int8-ov, fallback 0": load_backend(no_fb["ov"], threads=threads, precision="f32"),
             "OpenVINO, nncf.quantize defaults": load_backend(nn, threads=threads, precision="f32"),

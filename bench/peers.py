@@ -164,7 +164,7 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
     from edgeq.data.demo import calib_dir
     from edgeq.export.calib_table import collect
     from edgeq.data.images import load_sample_images
-    from edgeq.export.int8 import Int8Options, quantize_file, tensor_sensitivity
+    from edgeq.export.int8 import Int8Options, fallback_tensors, quantize_file, tensor_sensitivity
     from edgeq.export.qdq import policy_for
 
     state: dict = {}
@@ -180,7 +180,7 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
             opts = Int8Options()
             if fallback[flavour]:
                 ranked = tensor_sensitivity(float_onnx, table, flavour, sens, progress=False)
-                opts.float_tensors = tuple(r["tensor"] for r in ranked[: fallback[flavour]])
+                opts.float_tensors = fallback_tensors(ranked, fallback[flavour])
             paths[flavour], _ = quantize_file(float_onnx, table, flavour, folder / f"edgeq.int8-{flavour}.onnx", opts)
         ort, ov_onnx = paths["ort"], paths["ov"]
         return {"onnxruntime": ort, "openvino": to_ir(ov_onnx)}

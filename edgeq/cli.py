@@ -203,6 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             percentile=args.percentile,
             exclude=tuple(x for x in (args.float_nodes or "").split(",") if x),
             fallback=args.fallback,
+            fallback_min_nsr=args.fallback_min_nsr,
         )
     result = export_model(
         weights,
@@ -399,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave float the N activation tensors whose quantization alone disturbs the head the most "
                         "(sensitivity analysis on 4 calibration images; default per backend: 0 for int8-ort, 8 for "
                         "int8-ov and int8-trt; 0 turns it off)")
+    q.add_argument("--fallback-min-nsr", type=float,
+                   help="of those N, leave float only tensors whose quantization alone gives the head outputs at least "
+                        "this noise-to-signal ratio (default 1e-5, i.e. below 50 dB SNR; 0 takes all N)")
     q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
     p.add_argument("--json", help="write the parity figures to this JSON file")

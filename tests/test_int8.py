@@ -228,6 +228,16 @@ def test_fallback_leaves_the_most_sensitive_tensors_float(exported, images, tmp_
     assert all_q - quantized == set(keep)
 
 
+def test_fallback_takes_at_most_n_tensors_and_only_harmful_ones():
+    from edgeq.export.int8 import FALLBACK_MIN_NSR, fallback_tensors
+
+    ranked = [{"tensor": t, "nsr": v} for t, v in (("a", 4e-4), ("b", 6e-5), ("c", 2e-5), ("d", 9e-6), ("e", 1e-9))]
+    assert fallback_tensors(ranked, 2) == ("a", "b")
+    assert fallback_tensors(ranked, 8) == ("a", "b", "c")  # d and e are below 50 dB SNR's noise
+    assert fallback_tensors(ranked, 8, min_nsr=0) == ("a", "b", "c", "d", "e")
+    assert fallback_tensors(ranked, 0) == () and FALLBACK_MIN_NSR == 1e-5
+
+
 def test_empty_calibration_folder_is_refused(exported, tmp_path):
     ckpt, _ = exported
     with pytest.raises(EdgeqError, match=tmp_path.name):

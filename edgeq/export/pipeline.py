@@ -154,6 +154,7 @@ class Int8Request:
     percentile: float | None = None
     exclude: tuple[str, ...] = ()
     fallback: int | None = None  # leave the N most sensitive activation tensors float; None: the flavour's default
+    fallback_min_nsr: float | None = None  # ... of those, only the ones at least this harmful; None: FALLBACK_MIN_NSR
     progress: bool = True
 
 
@@ -211,15 +212,17 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
         fallback = policy_for(flavour).default_fallback if request.fallback is None else request.fallback
         if fallback:
             from edgeq.data.images import load_sample_images
-            from edgeq.export.int8 import tensor_sensitivity
+            from edgeq.export.int8 import FALLBACK_MIN_NSR, fallback_tensors, tensor_sensitivity
 
             if sensitivity_images is None:
                 sensitivity_images = load_sample_images(request.data or _default_calib(), 4)
-            worst = tensor_sensitivity(paths["onnx"], table, flavour, sensitivity_images, opts, progress=request.progress)
-            worst = worst[:fallback]
-            log.info("%s: %d most sensitive tensors left float: %s", key, len(worst),
-                     ", ".join(f"{r['tensor']} (NSR {r['nsr']:.1e})" for r in worst))
-            opts.float_tensors = tuple(r["tensor"] for r in worst)
+            ranked = tensor_sensitivity(paths["onnx"], table, flavour, sensitivity_images, opts, progress=request.progress)
+            min_nsr = FALLBACK_MIN_NSR if request.fallback_min_nsr is None else request.fallback_min_nsr
+            opts.float_tensors = fallback_tensors(ranked, fallback, min_nsr)
+            nsr = {r["tensor"]: r["nsr"] for r in ranked}
+            log.info("%s: %d most sensitive tensors left float (at most %d, NSR >= %.0e): %s", key,
+                     len(opts.float_tensors), fallback, min_nsr,
+                     ", ".join(f"{t} (NSR {nsr[t]:.1e})" for t in opts.float_tensors) or "none")
         path, report = quantize_file(paths["onnx"], table, flavour, paths[key], opts)
         result.artifacts[key] = path
         result.int8_reports[key] = report

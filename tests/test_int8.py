@@ -281,3 +281,27 @@ def test_int8_with_a_fixed_batch_above_one_is_refused_before_any_work(tmp_path, 
     err = capsys.readouterr().err
     assert "--int8 with --batch 4" in err and "--dynamic" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("inputs", [["x", "w"], ["x", "w", ""]])
+def test_normalize_heads_adds_the_shift_to_a_conv_without_bias(inputs):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgeq.export.qdq import normalize_heads
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(6, 4, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", inputs, ["y"], name="conv"), helper.make_node("Sigmoid", ["y"], ["z"], name="sig")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 6, 3, 3])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(1, 4, 3, 3)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y = np.einsum("oc,bchw->bohw", weight[:, :, 0, 0], x)
+    assert normalize_heads(model, {"y": (y.min(axis=(0, 2, 3)) - 0.1, y.max(axis=(0, 2, 3)) + 0.2)}) == {
+        "y_normalized": (-1.0, 1.0, 1.0)}
+    onnx.checker.check_model(model)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-6)

@@ -216,9 +216,10 @@ def normalize_heads(model, channel_ranges: dict[str, tuple[np.ndarray, np.ndarra
                 raise EdgeqError(f"{node.name}: its bias {node.input[2]} is not a constant of its own")
             bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
             inits[node.input[2]].CopyFrom(numpy_helper.from_array(((bias - mid) / half).astype(np.float32), node.input[2]))
-        else:
+        else:  # no bias (or an empty name for it): the shift needs one
             graph.initializer.append(numpy_helper.from_array((-mid / half).astype(np.float32), f"{out}_bias"))
-            node.input[2:] = [f"{out}_bias"] if len(node.input) == 2 else node.input[2:]
+            del node.input[2:]
+            node.input.append(f"{out}_bias")
         normalized = out + NORMALIZED_SUFFIX
         node.output[0] = normalized
         shape = (1, -1) + (1,) * (weight.ndim - 2)

@@ -204,7 +204,8 @@ class TensorStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Add every element of ``x`` (any shape; computed on CPU in float32)."""
-        flat = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float32).reshape(-1).numpy()
+        values = torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float32).numpy()
+        flat = values.reshape(-1)
         if flat.size == 0:
             return
         lo, hi = float(flat.min()), float(flat.max())
@@ -214,7 +215,7 @@ class TensorStats:
                 note="check the calibration images and the float model's output on them",
             )
         if self.track_channels:
-            self._update_channels(torch.as_tensor(x).detach().to(device="cpu", dtype=torch.float32).numpy())
+            self._update_channels(values)
         self._count += flat.size
         self._min, self._max = min(self._min, lo), max(self._max, hi)
         self._abs = self._widened(self._abs, 0.0, self.amax)

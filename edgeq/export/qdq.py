@@ -396,30 +396,30 @@ def quantize_onnx(
     if not weights:
         the_plan.weighted = []
     report_float = sorted(set(float_tensors))
-    missing = [t for t in the_plan.activations if t not in ranges]
-    if missing:
-        raise EdgeqError(
-            f"the calibration table does not match this model: no range for tensor {missing[0]}"
+    def mismatch(what: str, missing: list[str]) -> EdgeqError:
+        return EdgeqError(
+            f"the calibration table does not match this model: no {what} {missing[0]}"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
             note="calibrate this model again (edgeq calibrate), or pass the table made for it",
         )
-    heads: frozenset[str] = frozenset()
+
+    missing = [t for t in the_plan.activations if t not in ranges]
+    if missing:
+        raise mismatch("range for tensor", missing)
+    normalized: dict[str, tuple[float, float, float]] = {}
     if policy.head_outputs == "per-channel" and head_ranges and only_tensors is None:
-        outputs = [n.output[0] for n in graph.node if n.output and n.output[0] in set(head_tensors(graph))
-                   and n.name not in exclude]
+        heads = set(head_tensors(graph))
+        outputs = [n.output[0] for n in graph.node if n.output and n.output[0] in heads and n.name not in exclude]
         absent = [t for t in outputs if t not in head_ranges]
         if absent:
-            raise EdgeqError(f"the calibration table does not match this model: no per-channel range for head "
-                             f"output {absent[0]}", note="calibrate this model again (edgeq calibrate), or pass the "
-                             "table made for it")
+            raise mismatch("per-channel range for head output", absent)
         normalized = normalize_heads(model, {t: head_ranges[t] for t in outputs})  # the plan's nodes, renamed
         ranges = {**ranges, **normalized}
-        heads = frozenset(normalized)
         the_plan.activations.extend(normalized)
     consts = constants(graph)
     dtypes = {"int8": np.int8, "uint8": np.uint8}
     report = QuantizeReport(policy.flavour, excluded=list(the_plan.excluded), float_tensors=report_float,
-                            head_outputs="per-channel" if heads else "per-tensor" if policy.head_outputs == "per-tensor" else "float")
+                            head_outputs="per-channel" if normalized else "per-tensor" if policy.head_outputs == "per-tensor" else "float")
     new_inits: list = []
     new_nodes: dict[int, list] = {}  # insert before node index
     params: dict[str, tuple[float, int, str]] = {}

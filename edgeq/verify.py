@@ -60,11 +60,15 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
     """Per Conv of ``quant_onnx``: SNR (dB) of its output against the float model, and the noise
     it adds (noise-to-signal ratio of the output minus that of its input: the error this layer
     introduces, not what it inherits). Sorted by SNR, worst first.
+
+    Head outputs are compared clipped to +-LOGIT_LIMIT: past it the sigmoid is flat, so a logit
+    of -35 read back as -8 costs no detection, and an unclipped comparison would rank the heads
+    worst for an error that does not exist.
     """
     import onnx
 
     from edgeq.export.observe import run_with_outputs
-    from edgeq.export.qdq import NORMALIZED_SUFFIX
+    from edgeq.export.qdq import LOGIT_LIMIT, NORMALIZED_SUFFIX, head_tensors
     from edgeq.runtime.preprocess import preprocess_batch
 
     qgraph = onnx.load(str(quant_onnx), load_external_data=False).graph
@@ -81,6 +85,7 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
     if not convs:
         raise EdgeqError(f"{quant_onnx} shares no Conv tensor with the float model; is it an edgeq export?")
     fetch_q = list(dict.fromkeys([c[1] for c in convs] + [c[3] for c in convs]))
+    heads = set(head_tensors(fgraph))
     fetch_f = [name.removesuffix("_dequantized") for name in fetch_q]
     signal = np.zeros(len(fetch_q))
     noise = np.zeros(len(fetch_q))
@@ -95,9 +100,11 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
         ref_map = values(float_onnx, fgraph, fetch_f, batch)
         got_map = values(quant_onnx, qgraph, fetch_q, batch)
         for i, (fq, ff) in enumerate(zip(fetch_q, fetch_f)):
-            r = ref_map[ff].astype(np.float64)
+            r, g = ref_map[ff].astype(np.float64), got_map[fq]
+            if ff in heads:
+                r, g = np.clip(r, -LOGIT_LIMIT, LOGIT_LIMIT), np.clip(g, -LOGIT_LIMIT, LOGIT_LIMIT)
             signal[i] += float(np.square(r).sum())
-            noise[i] += float(np.square(r - got_map[fq]).sum())
+            noise[i] += float(np.square(r - g).sum())
     snr = {name: (math.inf if n == 0 else 10 * math.log10(max(s, 1e-30) / n)) for name, s, n in zip(fetch_q, signal, noise)}
     rows = []
     for node, q_in, _, out in convs:

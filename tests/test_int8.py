@@ -305,3 +305,28 @@ def test_normalize_heads_adds_the_shift_to_a_conv_without_bias(inputs):
     onnx.checker.check_model(model)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_layer_snr_compares_head_logits_where_the_sigmoid_still_moves(exported, images, tmp_path):
+    """Two head logits of -100 and -60 give the same score (sigmoid ~ 0): no error. Unclipped,
+    the difference would rank that head worst of all (it did on the demo: 9 dB, all of it there)."""
+    from edgeq.data.images import load_sample_images
+    from edgeq.export.qdq import head_tensors
+    from edgeq.verify import layer_snr
+
+    _, result = exported
+    proto = onnx.load(str(result.artifacts["onnx"]))
+    head = head_tensors(proto.graph)[0]
+    conv = next(n for n in proto.graph.node if n.output[0] == head)
+    bias = next(i for i in proto.graph.initializer if i.name == conv.input[2])
+    paths = []
+    for shift in (-100.0, -60.0):  # channel 4 of the first head: an objectness logit, pushed far below -8
+        b = numpy_helper.to_array(bias).copy()
+        b[4] += shift
+        bias.CopyFrom(numpy_helper.from_array(b, bias.name))
+        paths.append(tmp_path / f"shift{-shift:.0f}.onnx")
+        onnx.save(proto, str(paths[-1]))
+        b[4] -= shift
+        bias.CopyFrom(numpy_helper.from_array(b, bias.name))
+    rows = {r["tensor"]: r for r in layer_snr(paths[0], paths[1], load_sample_images(images, 2), S)}
+    assert rows[head]["snr_db"] == float("inf") and rows[head]["added_nsr"] == 0

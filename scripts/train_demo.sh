@@ -9,7 +9,7 @@
 set -euo pipefail
 WORK=${WORK:-$HOME/edgeq-work}
 EPOCHS1=${EPOCHS1:-24}
-EPOCHS2=${EPOCHS2:-12}
+EPOCHS2=${EPOCHS2:-8}
 DATA=$WORK/shapes-s0-320
 RUN1=$WORK/runs/demo-p1-256
 RUN2=$WORK/runs/demo-p2-320

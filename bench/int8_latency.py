@@ -79,16 +79,12 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
     arts = res.artifacts
     from edgeq.export.int8 import quantize_file
 
-    from edgeq.data.images import load_sample_images
-    from edgeq.export.int8 import Int8Options, tensor_sensitivity
     from edgeq.export.openvino_export import export_openvino
 
     # the defaults are in arts; the other fallback settings from the same table
     no_fb = {"ov": quantize_file(arts["onnx"], res.table, "ov", folder / "fb0.int8-ov.onnx")[0]}
     no_fb["ov"] = export_openvino(no_fb["ov"], no_fb["ov"].with_suffix(".xml"))
-    ranked = tensor_sensitivity(arts["onnx"], res.table, "ort", load_sample_images(_calib(), 4), progress=False)
-    no_fb["ort"] = quantize_file(arts["onnx"], res.table, "ort", folder / "fb16.int8-ort.onnx",
-                                 Int8Options(float_tensors=tuple(r["tensor"] for r in ranked[:16])))[0]
+    no_fb["ort"] = quantize_file(arts["onnx"], res.table, "ort", folder / "fb0.int8-ort.onnx")[0]
     batches = calibration_batches(imgsz, calib_images)
     t0 = time.perf_counter()
     qs = ort_quantize_static(arts["onnx"], folder / "quantize_static.onnx", batches)
@@ -102,7 +98,7 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
         runners = {
             "ONNX Runtime fp32": load_backend(arts["onnx"], threads=threads, spin=False),
             f"ONNX Runtime, edgeq int8-ort (default: {float_count['int8-ort']} tensors float)": load_backend(arts["int8-ort"], threads=threads, spin=False),
-            "ONNX Runtime, edgeq int8-ort, fallback 16": load_backend(no_fb["ort"], threads=threads, spin=False),
+            "ONNX Runtime, edgeq int8-ort, fallback 0": load_backend(no_fb["ort"], threads=threads, spin=False),
             "ONNX Runtime, quantize_static (QDQ u8/s8 per-channel)": load_backend(qs, threads=threads, spin=False),
             "OpenVINO f32": load_backend(arts["openvino"], threads=threads, precision="f32"),
             f"OpenVINO, edgeq int8-ov (default: {float_count['int8-ov']} tensors float)": load_backend(arts["int8-ov-ir"], threads=threads,

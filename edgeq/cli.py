@@ -398,8 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-images", type=_positive_int, default=256, help="calibration images (default 256)")
     q.add_argument("--fallback", type=int,
                    help="leave float the N activation tensors whose quantization alone disturbs the head the most "
-                        "(sensitivity analysis on 4 calibration images; default per backend: 0 for int8-ort, 8 for "
-                        "int8-ov and int8-trt; 0 turns it off)")
+                        "(sensitivity analysis on 4 calibration images; default 8 for every flavour; 0 turns it off)")
     q.add_argument("--fallback-min-nsr", type=float,
                    help="of those N, leave float only tensors whose quantization alone gives the head outputs at least "
                         "this noise-to-signal ratio (default 1e-5, i.e. below 50 dB SNR; 0 takes all N)")

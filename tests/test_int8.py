@@ -228,6 +228,24 @@ def test_fallback_leaves_the_most_sensitive_tensors_float(exported, images, tmp_
     assert all_q - quantized == set(keep)
 
 
+def test_ort_sensitivity_ranks_every_tensor_it_quantizes(exported, images, tmp_path):
+    """int8-ort quantizes convolution outputs too (its integer kernels need them); on the trained
+    demo model the stem convolution's output was the most harmful tensor, so they are ranked."""
+    from edgeq.data.images import load_sample_images
+    from edgeq.export.qdq import plan
+
+    _, result = exported
+    ranked = tensor_sensitivity(result.artifacts["onnx"], result.table, "ort", load_sample_images(images, 1), progress=False)
+    proto = onnx.load(str(result.artifacts["onnx"]))
+    assert {r["tensor"] for r in ranked} == set(plan(proto, "ort").activations)
+    conv_outputs = {n.output[0] for n in proto.graph.node if n.op_type == "Conv"}
+    worst_conv_output = next(r["tensor"] for r in ranked if r["tensor"] in conv_outputs)
+    path, report = quantize_file(result.artifacts["onnx"], result.table, "ort", tmp_path / "f.onnx",
+                                 Int8Options(float_tensors=(worst_conv_output,)))
+    quantized = {n.input[0] for n in onnx.load(str(path)).graph.node if n.op_type == "QuantizeLinear"}
+    assert worst_conv_output not in quantized and report.float_tensors == [worst_conv_output]
+
+
 def test_fallback_takes_at_most_n_tensors_and_only_harmful_ones():
     from edgeq.export.int8 import FALLBACK_MIN_NSR, fallback_tensors
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.export.calib_table import CalibrationTable
-from edgeq.export.qdq import QuantizeReport, head_tensors, policy_for, quantize_onnx
+from edgeq.export.qdq import LOGIT_LIMIT, QuantizeReport, head_tensors, policy_for, quantize_onnx
 
 log = logging.getLogger("edgeq")
 
@@ -106,8 +106,11 @@ def tensor_sensitivity(
 
     For every tensor the flavour quantizes, a graph with only that tensor quantized runs on
     ``images``; the score is the noise-to-signal ratio it causes at the head convolutions'
-    outputs (summed over the three scales). Per-tensor scales fail where one tensor mixes
-    channels of very different ranges; this finds those tensors, whatever the calibrator.
+    outputs (summed over the three scales), with the logits clipped to +-LOGIT_LIMIT where the
+    sigmoid stops moving. Per-tensor scales fail where one tensor mixes channels of very
+    different ranges; this finds those tensors, whatever the calibrator. Every tensor counts,
+    not only convolution inputs: on the trained demo model the stem convolution's output is
+    the worst tensor of int8-ort (docs/BENCHMARKS.md).
     """
     import onnx
     from tqdm import tqdm
@@ -123,10 +126,9 @@ def tensor_sensitivity(
     heads = head_tensors(model.graph)
     size = read_imgsz(float_onnx)
     batches = [preprocess_batch([im], size)[0] for im in images]
-    refs = [run_with_outputs(float_onnx, heads, b) for b in batches]
+    refs = [[np.clip(r, -LOGIT_LIMIT, LOGIT_LIMIT) for r in run_with_outputs(float_onnx, heads, b)] for b in batches]
     ranges = flavour_ranges(table, flavour, opts)
-    conv_inputs = {n.input[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
-    tensors = [t for t in plan(model, policy, set(opts.exclude)).activations if t in conv_inputs]
+    tensors = plan(model, policy, set(opts.exclude)).activations
     rows = []
     for tensor in tqdm(tensors, desc=f"sensitivity int8-{policy.flavour}", unit="tensor", disable=not progress):
         q, _ = quantize_onnx(model, ranges, policy, only_tensors={tensor}, weights=False)
@@ -136,6 +138,6 @@ def tensor_sensitivity(
             got = session.run(heads, {session.get_inputs()[0].name: batch})
             for r, g in zip(ref, got):
                 signal += float(np.square(r, dtype=np.float64).sum())
-                noise += float(np.square(r.astype(np.float64) - g).sum())
+                noise += float(np.square(r.astype(np.float64) - np.clip(g, -LOGIT_LIMIT, LOGIT_LIMIT)).sum())
         rows.append({"tensor": tensor, "nsr": noise / max(signal, 1e-30)})
     return sorted(rows, key=lambda r: -r["nsr"])

@@ -204,6 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             exclude=tuple(x for x in (args.float_nodes or "").split(",") if x),
             fallback=args.fallback,
             fallback_min_nsr=args.fallback_min_nsr,
+            uint8_weights=args.uint8_weights,
         )
     result = export_model(
         weights,
@@ -403,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="of those N, leave float only tensors whose quantization alone gives the head outputs at least "
                         "this noise-to-signal ratio (default 1e-5, i.e. below 50 dB SNR; 0 takes all N)")
     q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
+    q.add_argument("--uint8-weights", action="store_true",
+                   help="int8-ort only: store the weights as uint8 (zero point 128, same values) so that ONNX Runtime "
+                        "uses kernels that do not saturate on x86 CPUs without VNNI (AVX2 only): less error there, "
+                        "about 1.13x the latency; no use on VNNI CPUs")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
     p.add_argument("--json", help="write the parity figures to this JSON file")
     _parity_budget(p)

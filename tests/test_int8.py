@@ -126,6 +126,41 @@ def test_ort_flavour_fuses_into_integer_kernels(exported, tmp_path):
         str(result.artifacts["onnx"])).graph.node)
 
 
+def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, tmp_path):
+    """--uint8-weights changes the storage, not the arithmetic: with ORT's optimizations off (the
+    Q/DQ graph run as written) both models give the same output; with them on every Conv still
+    runs as QLinearConv. The other flavours refuse it (TensorRT needs symmetric int8 weights)."""
+    import onnxruntime as ort
+
+    from edgeq.export.onnx_export import read_metadata
+
+    _, result = exported
+    path, _ = quantize_file(result.artifacts["onnx"], result.table, "ort", tmp_path / "u8.onnx", Int8Options(uint8_weights=True))
+    proto = onnx.load(str(path))
+    values = _values(proto)
+    weight_dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_weight_quantized")]
+    assert weight_dqs and all(values[n.input[0]].dtype == np.uint8 and (values[n.input[2]] == 128).all() for n in weight_dqs)
+    assert json.loads(read_metadata(path)["edgeq.int8"])["weights"] == "uint8"
+
+    x = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ref, got = (ort.InferenceSession(str(p), plain, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+                for p in (result.artifacts["int8-ort"], path))
+    np.testing.assert_array_equal(got, ref)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Conv" not in ops and ops.count("QLinearConv") == sum(
+        n.op_type == "Conv" for n in onnx.load(str(result.artifacts["onnx"])).graph.node)
+
+    for flavour in ("ov", "trt"):
+        with pytest.raises(EdgeqError, match="int8-ort only"):
+            quantize_file(result.artifacts["onnx"], result.table, flavour, tmp_path / f"{flavour}.onnx",
+                          Int8Options(uint8_weights=True))
+
+
 def test_ort_head_outputs_get_per_channel_ranges(exported, images, tmp_path, caplog):
     import onnxruntime as ort
 

@@ -35,7 +35,8 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     noise = tmp_path / "noise"
     noise.mkdir()
     cv2.imwrite(str(noise / "noise.png"), np.random.default_rng(0).integers(0, 256, (320, 320, 3), dtype=np.uint8))
-    assert _export(tmp_path / "bad", "--data", str(noise), "--calib-images", "1", "--method", "minmax") == 0
+    assert _export(tmp_path / "bad", "--data", str(noise), "--calib-images", "1", "--method", "minmax",
+                   "--fallback", "0") == 0
     reports = {}
     for name in ("good", "bad"):
         artifact = tmp_path / name / f"{STEM}.int8-ort.onnx"

@@ -26,6 +26,7 @@ class Int8Options:
     percentile: float | None = None
     exclude: tuple[str, ...] = ()  # ONNX node names kept float (--float-nodes)
     float_tensors: tuple[str, ...] = ()  # activations left unquantized (sensitivity fallback)
+    uint8_weights: bool = False  # int8-ort: weights as uint8, zero point 128 (no int16 saturation without VNNI)
 
 
 def flavour_ranges(table: CalibrationTable, flavour: str, opts: Int8Options) -> dict[str, tuple[float, float, float]]:
@@ -57,7 +58,8 @@ def quantize_file(
                     "the head convolutions of int8-%s stay float, which is slower; calibrate again to quantize them",
                     policy.flavour)
     q, report = quantize_onnx(model, flavour_ranges(table, flavour, opts), policy, exclude=set(opts.exclude),
-                              float_tensors=set(opts.float_tensors), head_ranges=head_ranges)
+                              float_tensors=set(opts.float_tensors), head_ranges=head_ranges,
+                              uint8_weights=opts.uint8_weights)
     set_metadata(q, {
         "edgeq.flavour": f"int8-{policy.flavour}",
         "edgeq.int8": json.dumps({
@@ -69,6 +71,7 @@ def quantize_file(
             "head_outputs": report.head_outputs,
             "float_nodes": list(opts.exclude),
             "float_tensors": list(opts.float_tensors),
+            "weights": "uint8" if opts.uint8_weights else "int8",
         }),
     })
     out_path = Path(out_path)

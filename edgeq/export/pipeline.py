@@ -155,6 +155,7 @@ class Int8Request:
     exclude: tuple[str, ...] = ()
     fallback: int | None = None  # leave the N most sensitive activation tensors float; None: the flavour's default
     fallback_min_nsr: float | None = None  # ... of those, only the ones at least this harmful; None: FALLBACK_MIN_NSR
+    uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
     progress: bool = True
 
 
@@ -208,7 +209,8 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
     for fmt in fmts:
         flavour = INT8_FORMATS[fmt]
         key = f"int8-{flavour}"
-        opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude)
+        opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude,
+                           uint8_weights=request.uint8_weights and flavour == "ort")
         fallback = policy_for(flavour).default_fallback if request.fallback is None else request.fallback
         if fallback:
             from edgeq.data.images import load_sample_images

@@ -372,6 +372,7 @@ def quantize_onnx(
     only_tensors: set[str] | None = None,
     weights: bool = True,
     head_ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    uint8_weights: bool = False,
 ):
     """Return a copy of float ``model`` with Q/DQ pairs placed by ``policy``.
 
@@ -383,6 +384,10 @@ def quantize_onnx(
     and ``ranges`` lacks is an error naming it (the table belongs to another model).
     ``head_ranges``: head output -> per-channel (min, max), for a "per-channel" policy; without
     them the head outputs stay float.
+    ``uint8_weights``: store the int8 weights as uint8 with zero point 128 (the same values).
+    ONNX Runtime then runs its u8u8 kernels. On x86 CPUs without VNNI, its u8s8 kernels add
+    pairs of products in saturating int16, which doubled the noise of a trained demo model
+    (docs/BENCHMARKS.md).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -390,6 +395,9 @@ def quantize_onnx(
     if model.opset_import[0].version < 13:
         raise EdgeqError(f"per-channel Q/DQ needs opset >= 13, the float ONNX has {model.opset_import[0].version}")
     policy = policy_for(policy) if isinstance(policy, str) else policy
+    if uint8_weights and policy.flavour != "ort":
+        raise EdgeqError(f"uint8 weights are for int8-ort only (ONNX Runtime's u8u8 kernels), not int8-{policy.flavour}",
+                         note="TensorRT needs symmetric int8 weights; OpenVINO's int8 path expects them too")
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     the_plan = plan(model, policy, exclude)
@@ -441,9 +449,9 @@ def quantize_onnx(
             name=f"{base}_DequantizeLinear", **attrs))
         return f"{base}_dequantized"
 
-    def channel_params(base: str, scale: np.ndarray, zp_dtype) -> tuple[str, str]:
+    def channel_params(base: str, scale: np.ndarray, zp_dtype, zp: int = 0) -> tuple[str, str]:
         new_inits.append(numpy_helper.from_array(scale, f"{base}_scale"))
-        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, zp_dtype), f"{base}_zero_point"))
+        new_inits.append(numpy_helper.from_array(np.full(scale.shape, zp, zp_dtype), f"{base}_zero_point"))
         return f"{base}_scale", f"{base}_zero_point"
 
     # 1. activations: one Q -> DQ pair per tensor, all consumers (but excluded nodes) rewired
@@ -486,7 +494,12 @@ def quantize_onnx(
             axis = 0 if trans_b else 1
         q, scale = _per_channel(weight, axis)
         base = f"{node_name}_weight"
-        node.input[1] = dequantized_constant(base, q, *channel_params(base, scale, np.int8), index, axis=axis)
+        if uint8_weights:
+            params_w = channel_params(base, scale, np.uint8, 128)
+            q = (q.astype(np.int16) + 128).astype(np.uint8)
+        else:
+            params_w = channel_params(base, scale, np.int8)
+        node.input[1] = dequantized_constant(base, q, *params_w, index, axis=axis)
         report.weights += 1
         source = source_of.get(node.input[0], node.input[0])
         if policy.quantize_bias and len(node.input) > 2 and node.input[2] in consts and source in params:

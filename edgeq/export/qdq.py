@@ -93,8 +93,8 @@ POLICIES: dict[str, Policy] = {
         quantize_bias=True,
         head_outputs="per-channel",
         note="uint8 asymmetric activations, whole DQ -> op -> Q units (ONNX Runtime QLinear kernels)",
-        # the trained demo model: drop 2.41 -> 1.60 mAP50-95 points for 1.10x the latency (the
-        # stem and first blocks' convolutions run in float); the interim one: 0.58 -> 0.55
+        # phase 1's best demo checkpoint: drop 2.41 -> 1.60 mAP50-95 points for 1.10-1.14x the
+        # latency (the stem and first blocks' convolutions run in float); interim: 0.58 -> 0.70
         default_fallback=8,
     ),
     # OpenVINO: measured on the demo model at 320 (docs/BENCHMARKS.md): Q/DQ on Conv/MatMul

@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--uint8-weights", action="store_true",
                    help="int8-ort only: store the weights as uint8 (zero point 128, same values) so that ONNX Runtime "
                         "uses kernels that do not saturate on x86 CPUs without VNNI (AVX2 only): less error there, "
-                        "about 1.13x the latency; no use on VNNI CPUs")
+                        "1.13-1.22x the latency here; no use on VNNI CPUs")
     p.add_argument("--threads", type=int, help="CPU threads for the backends")
     p.add_argument("--json", help="write the parity figures to this JSON file")
     _parity_budget(p)

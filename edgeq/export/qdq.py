@@ -335,7 +335,7 @@ def activation_params(lo: float, hi: float, amax: float, mode: str) -> tuple[flo
     raise ValueError(f"unknown activation format {mode!r}")
 
 
-def _per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def per_channel_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     """int8 weights and their float32 scales, with :func:`per_channel_symmetric`'s scale rule."""
     import torch
 
@@ -360,6 +360,7 @@ class QuantizeReport:
     excluded: list[str] = field(default_factory=list)
     float_tensors: list[str] = field(default_factory=list)
     head_outputs: str = "float"  # how the head convolutions' outputs were left: float, per-tensor, per-channel
+    bias_corrected: int = 0  # convolutions whose bias was corrected (edgeq.export.bias_correction)
 
 
 def quantize_onnx(
@@ -492,7 +493,7 @@ def quantize_onnx(
         if node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 0 if trans_b else 1
-        q, scale = _per_channel(weight, axis)
+        q, scale = per_channel_int8(weight, axis)
         base = f"{node_name}_weight"
         if uint8_weights:
             params_w = channel_params(base, scale, np.uint8, 128)

@@ -77,7 +77,7 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
                        int8=Int8Request(num_images=calib_images, progress=False, data=_calib()))
     timings["edgeq export (calibration, sensitivity, both flavours)"] = time.perf_counter() - t0
     arts = res.artifacts
-    from edgeq.export.int8 import quantize_file
+    from edgeq.export.int8 import Int8Options, quantize_file
 
     from edgeq.export.openvino_export import export_openvino
 
@@ -85,6 +85,9 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
     no_fb = {"ov": quantize_file(arts["onnx"], res.table, "ov", folder / "fb0.int8-ov.onnx")[0]}
     no_fb["ov"] = export_openvino(no_fb["ov"], no_fb["ov"].with_suffix(".xml"))
     no_fb["ort"] = quantize_file(arts["onnx"], res.table, "ort", folder / "fb0.int8-ort.onnx")[0]
+    # the default's float tensors, the head convolutions' logits quantized per channel (all-integer convolutions)
+    per_channel = quantize_file(arts["onnx"], res.table, "ort", folder / "pc.int8-ort.onnx", Int8Options(
+        head_outputs="per-channel", float_tensors=tuple(res.int8_reports["int8-ort"].float_tensors)))[0]
     batches = calibration_batches(imgsz, calib_images)
     t0 = time.perf_counter()
     qs = ort_quantize_static(arts["onnx"], folder / "quantize_static.onnx", batches)
@@ -99,6 +102,7 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
             "ONNX Runtime fp32": load_backend(arts["onnx"], threads=threads, spin=False),
             f"ONNX Runtime, edgeq int8-ort (default: {float_count['int8-ort']} tensors float)": load_backend(arts["int8-ort"], threads=threads, spin=False),
             "ONNX Runtime, edgeq int8-ort, fallback 0": load_backend(no_fb["ort"], threads=threads, spin=False),
+            "ONNX Runtime, edgeq int8-ort, per-channel head outputs": load_backend(per_channel, threads=threads, spin=False),
             "ONNX Runtime, quantize_static (QDQ u8/s8 per-channel)": load_backend(qs, threads=threads, spin=False),
             "OpenVINO f32": load_backend(arts["openvino"], threads=threads, precision="f32"),
             f"OpenVINO, edgeq int8-ov (default: {float_count['int8-ov']} tensors float)": load_backend(arts["int8-ov-ir"], threads=threads,

@@ -5,7 +5,7 @@
 # at the deployment size, 320 px, from phase 1's best weights.
 #   WORK=/path/to/scratch bash scripts/train_demo.sh
 # If the scratch folder was lost, INIT=edgeq/assets/demo-yolov5s-mnv3s-shapes.pt starts phase 1
-# from the bundled (interim) weights instead of from scratch.
+# from the bundled weights instead of from scratch (a fine-tune, not the recipe).
 set -euo pipefail
 WORK=${WORK:-$HOME/edgeq-work}
 EPOCHS1=${EPOCHS1:-24}

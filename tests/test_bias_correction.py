@@ -139,28 +139,3 @@ def test_export_corrects_every_quantized_convolution_and_records_it(random_model
     plain, report = quantize_file(result.artifacts["onnx"], result.table, "ov", tmp_path / "p.int8-ov.onnx", Int8Options())
     assert report.bias_corrected == 0
     assert json.loads(read_metadata(plain)["edgeq.int8"])["bias_correction"] == {"images": 0, "convolutions": 0}
-
-
-# OpenVINO: on this random-weight model its own kernels' error dominates and the comparison is a coin
-# toss; the trained demo's figures are in docs/BENCHMARKS.md.
-@pytest.mark.parametrize("flavour", ["ort"])
-def test_corrected_artifact_has_a_smaller_mean_error_on_its_backend(random_model, tmp_path, flavour):
-    from edgeq.runtime.detector import Detector
-    from edgeq.runtime.preprocess import preprocess_batch
-
-    result, folder = random_model
-    images = load_sample_images(folder, 8)
-    plain, _ = quantize_file(result.artifacts["onnx"], result.table, flavour, tmp_path / f"p.int8-{flavour}.onnx", Int8Options())
-    fixed, _ = quantize_file(result.artifacts["onnx"], result.table, flavour, tmp_path / f"c.int8-{flavour}.onnx", Int8Options(),
-                             correction_images=images)
-    batch = preprocess_batch(images, 64)[0]
-
-    def raw(path, **kw):
-        with Detector(str(path), **kw) as det:
-            return np.concatenate([det.backend.infer(batch[i:i + 1])[0] for i in range(len(batch))])
-
-    ref = raw(result.artifacts["onnx"])
-    # the mean error of every output channel (box, objectness, classes) against its spread
-    err = {name: (np.abs((raw(p) - ref).mean(axis=(0, 1))) / ref.std(axis=(0, 1))).mean()
-           for name, p in (("plain", plain), ("fixed", fixed))}
-    assert err["fixed"] < err["plain"], err

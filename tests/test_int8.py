@@ -121,9 +121,9 @@ def test_ort_flavour_fuses_into_integer_kernels(exported, tmp_path):
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(result.artifacts["int8-ort"]), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    # every Conv runs as an integer kernel, the head's three included (per-channel output ranges)
-    assert "Conv" not in ops and ops.count("QLinearConv") == sum(n.op_type == "Conv" for n in onnx.load(
-        str(result.artifacts["onnx"])).graph.node)
+    # every Conv runs as an integer kernel but the head's three, whose logits stay float by default
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(result.artifacts["onnx"])).graph.node)
+    assert ops.count("Conv") == 3 and ops.count("QLinearConv") == convs - 3
 
 
 def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, tmp_path):
@@ -145,15 +145,16 @@ def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, t
     x = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    int8_path, _ = quantize_file(result.artifacts["onnx"], result.table, "ort", tmp_path / "i8.onnx", Int8Options())
     ref, got = (ort.InferenceSession(str(p), plain, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
-                for p in (result.artifacts["int8-ort"], path))
+                for p in (int8_path, path))
     np.testing.assert_array_equal(got, ref)
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert "Conv" not in ops and ops.count("QLinearConv") == sum(
-        n.op_type == "Conv" for n in onnx.load(str(result.artifacts["onnx"])).graph.node)
+    assert ops.count("Conv") == 3 and ops.count("QLinearConv") == sum(
+        n.op_type == "Conv" for n in onnx.load(str(result.artifacts["onnx"])).graph.node) - 3
 
     for flavour in ("ov", "trt"):
         with pytest.raises(EdgeqError, match="int8-ort only"):
@@ -161,7 +162,7 @@ def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, t
                           Int8Options(uint8_weights=True))
 
 
-def test_ort_head_outputs_get_per_channel_ranges(exported, images, tmp_path, caplog):
+def test_ort_head_outputs_float_by_default_per_channel_on_request(exported, images, tmp_path, caplog):
     import onnxruntime as ort
 
     from edgeq.export.onnx_export import read_metadata
@@ -186,15 +187,28 @@ def test_ort_head_outputs_get_per_channel_ranges(exported, images, tmp_path, cap
                 for m in (float_proto, folded))
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3)
 
-    proto = onnx.load(str(result.artifacts["int8-ort"]))
+    # the default int8-ort leaves the logits float; per-channel on request quantizes them
+    default = onnx.load(str(result.artifacts["int8-ort"]))
+    assert not {n.input[0] for n in default.graph.node if n.op_type == "QuantizeLinear"} & set(heads)
+    recorded = json.loads(read_metadata(result.artifacts["int8-ort"])["edgeq.int8"])
+    assert recorded["head_outputs"] == "float"
+    assert recorded["bias_correction"]["images"] == 8  # on by default: 32 asked, the 8 the folder has
+    per_channel, report = quantize_file(result.artifacts["onnx"], result.table, "ort", tmp_path / "pc.int8-ort.onnx",
+                                        Int8Options(head_outputs="per-channel"))
+    assert report.head_outputs == "per-channel"
+    proto = onnx.load(str(per_channel))
     quantized = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
     assert {h + NORMALIZED_SUFFIX for h in heads} <= quantized and not quantized & set(heads)
-    assert json.loads(read_metadata(result.artifacts["int8-ort"])["edgeq.int8"])["head_outputs"] == "per-channel"
+    assert json.loads(read_metadata(per_channel)["edgeq.int8"])["head_outputs"] == "per-channel"
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "pc.optimized.onnx")
+    ort.InferenceSession(str(per_channel), opts, providers=["CPUExecutionProvider"])
+    assert "Conv" not in [n.op_type for n in onnx.load(str(tmp_path / "pc.optimized.onnx")).graph.node]
     # verify --layers still ranks the head convolutions, by the logits they restore
     from edgeq.data.images import load_sample_images
     from edgeq.verify import layer_snr
 
-    rows = layer_snr(result.artifacts["onnx"], result.artifacts["int8-ort"], load_sample_images(images, 1), S)
+    rows = layer_snr(result.artifacts["onnx"], per_channel, load_sample_images(images, 1), S)
     snr = {r["tensor"]: r["snr_db"] for r in rows}
     assert all(10 < snr[h] < 80 for h in heads), [snr.get(h) for h in heads]  # quantized, not lost
 
@@ -205,9 +219,11 @@ def test_ort_head_outputs_get_per_channel_ranges(exported, images, tmp_path, cap
     (tmp_path / "old.json").write_text(json.dumps(data))
     with caplog.at_level("WARNING", logger="edgeq"):
         path, report = quantize_file(result.artifacts["onnx"], CalibrationTable.load(tmp_path / "old.json"), "ort",
-                                     tmp_path / "old.int8-ort.onnx")
+                                     tmp_path / "old.int8-ort.onnx", Int8Options(head_outputs="per-channel"))
     assert "no per-channel ranges for the head outputs" in caplog.text and report.head_outputs == "float"
     assert not any(n.output[0].endswith(NORMALIZED_SUFFIX) for n in onnx.load(str(path)).graph.node)
+    with pytest.raises(EdgeqError, match="unknown head output mode 'per-layer'"):
+        quantize_file(result.artifacts["onnx"], result.table, "ort", tmp_path / "x.onnx", Int8Options(head_outputs="per-layer"))
 
 
 def test_int8_artifacts_run_close_to_float_on_their_backends(exported, images):

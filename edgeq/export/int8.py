@@ -6,6 +6,7 @@ metadata (``edgeq.flavour``), so a runtime can refuse a flavour made for another
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -28,6 +29,21 @@ class Int8Options:
     exclude: tuple[str, ...] = ()  # ONNX node names kept float (--float-nodes)
     float_tensors: tuple[str, ...] = ()  # activations left unquantized (sensitivity fallback)
     uint8_weights: bool = False  # int8-ort: weights as uint8, zero point 128 (no int16 saturation without VNNI)
+    head_outputs: str | None = None  # the head convolutions' outputs: float, per-channel, per-tensor; None: the flavour's
+
+
+HEAD_OUTPUTS = ("float", "per-channel", "per-tensor")
+
+
+def flavour_policy(flavour: str, opts: Int8Options | None = None):
+    """The flavour's placement policy, with the options' head-output choice applied."""
+    policy = policy_for(flavour)
+    head = opts.head_outputs if opts else None
+    if head is None or head == policy.head_outputs:
+        return policy
+    if head not in HEAD_OUTPUTS:
+        raise EdgeqError(f"unknown head output mode {head!r}", note=f"choose from {', '.join(HEAD_OUTPUTS)}")
+    return dataclasses.replace(policy, head_outputs=head)
 
 
 def flavour_ranges(table: CalibrationTable, flavour: str, opts: Int8Options) -> dict[str, tuple[float, float, float]]:
@@ -63,7 +79,7 @@ def quantize_file(
     from edgeq.utils.files import atomic_path
 
     opts = opts or Int8Options()
-    policy = policy_for(flavour)
+    policy = flavour_policy(flavour, opts)
     model = onnx.load(str(float_onnx))
     head_ranges = table.channel_ranges() if policy.head_outputs == "per-channel" else None
     if head_ranges == {}:  # the flavour wants them, the table has none
@@ -153,7 +169,7 @@ def tensor_sensitivity(
     from edgeq.runtime.preprocess import preprocess_batch
 
     opts = opts or Int8Options()
-    policy = policy_for(flavour)
+    policy = flavour_policy(flavour, opts)
     model = onnx.load(str(float_onnx))
     heads = head_tensors(model.graph)
     size = read_imgsz(float_onnx)

@@ -156,7 +156,8 @@ class Int8Request:
     fallback: int | None = None  # leave the N most sensitive activation tensors float; None: the flavour's default
     fallback_min_nsr: float | None = None  # ... of those, only the ones at least this harmful; None: FALLBACK_MIN_NSR
     uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
-    bias_images: int = 0  # calibration images the bias correction is measured on; 0: no correction
+    bias_images: int = 32  # calibration images the bias correction is measured on; 0: no correction
+    head_outputs: str | None = None  # the head convolutions' outputs (float, per-channel, per-tensor); None: the flavour's
     progress: bool = True
 
 
@@ -220,7 +221,7 @@ def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, wor
         flavour = INT8_FORMATS[fmt]
         key = f"int8-{flavour}"
         opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude,
-                           uint8_weights=request.uint8_weights and flavour == "ort")
+                           uint8_weights=request.uint8_weights and flavour == "ort", head_outputs=request.head_outputs)
         fallback = policy_for(flavour).default_fallback if request.fallback is None else request.fallback
         if fallback:
             from edgeq.export.int8 import FALLBACK_MIN_NSR, fallback_tensors, tensor_sensitivity

@@ -23,6 +23,18 @@ from edgeq.export.pipeline import export_model
 from edgeq.verify import evaluate_artifact
 
 
+def float_onnx_and_table(weights: str, imgsz: int, out: Path) -> tuple[Path, CalibrationTable]:
+    """The float ONNX in ``out`` and its calibration table on the 256 calib_data/ images, reused
+    from ``out/table.json`` when a previous run left one."""
+    float_onnx = export_model(weights, formats="onnx", out_dir=out, imgsz=imgsz, force=True).artifacts["onnx"]
+    table_path = out / "table.json"
+    if table_path.exists():
+        return float_onnx, CalibrationTable.load(table_path)
+    table = collect(weights, calib_dir(), num_images=256, float_onnx=float_onnx, progress=False)
+    table.save(table_path)
+    return float_onnx, table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(DEMO_WEIGHTS))
@@ -37,14 +49,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    float_onnx = export_model(args.weights, formats="onnx", out_dir=out, imgsz=args.imgsz, force=True).artifacts["onnx"]
-    table_path = out / "table.json"
     t0 = time.perf_counter()
-    if table_path.exists():
-        table = CalibrationTable.load(table_path)
-    else:
-        table = collect(args.weights, calib_dir(), num_images=256, float_onnx=float_onnx)
-        table.save(table_path)
+    float_onnx, table = float_onnx_and_table(args.weights, args.imgsz, out)
     calib_s = time.perf_counter() - t0
     dataset = YoloDataset(demo_data_yaml(), split="val")
     if args.val_images:

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from edgeq.data.demo import DEMO_WEIGHTS, calib_dir, demo_data_yaml
 from edgeq.data.images import load_sample_images
 from edgeq.data.yolo import YoloDataset
-from edgeq.export.calib_table import CalibrationTable, collect
 from edgeq.export.int8 import Int8Options, fallback_tensors, quantize_file, tensor_sensitivity
 from edgeq.export.openvino_export import export_openvino
-from edgeq.export.pipeline import export_model
 from edgeq.verify import evaluate_artifact
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_accuracy import float_onnx_and_table  # noqa: E402
 
 
 def parse_variant(spec: str) -> dict:
@@ -55,13 +57,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    float_onnx = export_model(args.weights, formats="onnx", out_dir=out, imgsz=args.imgsz, force=True).artifacts["onnx"]
-    table_path = out / "table.json"
-    if table_path.exists():
-        table = CalibrationTable.load(table_path)
-    else:
-        table = collect(args.weights, calib_dir(), num_images=256, float_onnx=float_onnx, progress=False)
-        table.save(table_path)
+    float_onnx, table = float_onnx_and_table(args.weights, args.imgsz, out)
     dataset = YoloDataset(demo_data_yaml(), split="val")
     ref = evaluate_artifact(str(float_onnx), dataset, progress=False)["map50_95"]
     print(f"float (ONNX Runtime): mAP50-95 {ref:.4f} ({len(dataset)} images)", flush=True)

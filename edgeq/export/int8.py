@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.export.calib_table import CalibrationTable
-from edgeq.export.qdq import LOGIT_LIMIT, QuantizeReport, head_tensors, policy_for, quantize_onnx
+from edgeq.export.qdq import LOGIT_LIMIT, Policy, QuantizeReport, head_tensors, policy_for, quantize_onnx
 
 log = logging.getLogger("edgeq")
 
@@ -35,7 +35,7 @@ class Int8Options:
 HEAD_OUTPUTS = ("float", "per-channel", "per-tensor")
 
 
-def flavour_policy(flavour: str, opts: Int8Options | None = None):
+def flavour_policy(flavour: str, opts: Int8Options | None = None) -> Policy:
     """The flavour's placement policy, with the options' head-output choice applied."""
     policy = policy_for(flavour)
     head = opts.head_outputs if opts else None

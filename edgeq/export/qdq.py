@@ -72,7 +72,7 @@ POLICIES: dict[str, Policy] = {
     # ONNX Runtime's CPU provider turns DQ -> op -> Q units into QLinear* kernels; a unit that is
     # not closed by a Q on its output stays float, so every op on the path is quantized. The
     # head convolutions' outputs (box and score logits) stay float by default: the three head
-    # convolutions then run in float (3 % of the INT8 latency at 320, 7-10 % at 640) and save
+    # convolutions then run in float (1-3 % of the INT8 latency at 320 and 640) and save
     # 0.2 mAP50-95 points on the final demo checkpoint against per-channel output ranges
     # (Int8Options.head_outputs="per-channel"); one per-tensor scale cost 2.4 points
     # (docs/BENCHMARKS.md).

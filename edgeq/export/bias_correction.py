@@ -15,7 +15,7 @@ the quantized graph's own activations counts that upstream error twice and diver
 demo: 1.11 -> 3.21 mAP50-95 points after one pass.) The benefit is measured in mAP, not in
 the head's mean error, which it does not reduce on the demo model (0.024 -> 0.027): on the
 phase-2 epoch-1 checkpoint it cut the int8-ov drop from 1.37 to 1.10 points and int8-ort's from
-0.43 to 0.23; on the bundled final one 0.51 -> 0.44 and 1.11 -> 0.92 (docs/BENCHMARKS.md).
+0.43 to 0.23; on the bundled final one 0.51 -> 0.45 and 1.12 -> 0.92 (docs/BENCHMARKS.md).
 ``edgeq export --int8`` applies it by default (32 images).
 
 The mean of a convolution's output over positions only needs, per input channel and kernel

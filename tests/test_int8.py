@@ -50,6 +50,16 @@ def exported(tmp_path_factory, images):
     return ckpt, result
 
 
+def _kernels(path, tmp_path) -> list[str]:
+    """The op types ONNX Runtime's CPU provider runs for ``path`` after its graph optimizations."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / f"{Path(path).stem}.optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
 def _values(proto) -> dict[str, np.ndarray]:
     values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node if n.op_type == "Constant"})
@@ -111,16 +121,11 @@ def test_trt_flavour_follows_tensorrt_explicit_quantization_rules(exported, tmp_
 
 
 def test_ort_flavour_fuses_into_integer_kernels(exported, tmp_path):
-    import onnxruntime as ort
-
     _, result = exported
     proto = onnx.load(str(result.artifacts["int8-ort"]))
     zps = [_values(proto)[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert zps and all(z.dtype == np.uint8 for z in zps)  # asymmetric uint8 activations
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(result.artifacts["int8-ort"]), opts, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    ops = _kernels(result.artifacts["int8-ort"], tmp_path)
     # every Conv runs as an integer kernel but the head's three, whose logits stay float by default
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(result.artifacts["onnx"])).graph.node)
     assert ops.count("Conv") == 3 and ops.count("QLinearConv") == convs - 3
@@ -149,10 +154,7 @@ def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, t
     ref, got = (ort.InferenceSession(str(p), plain, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
                 for p in (int8_path, path))
     np.testing.assert_array_equal(got, ref)
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    ops = _kernels(path, tmp_path)
     assert ops.count("Conv") == 3 and ops.count("QLinearConv") == sum(
         n.op_type == "Conv" for n in onnx.load(str(result.artifacts["onnx"])).graph.node) - 3
 
@@ -200,10 +202,7 @@ def test_ort_head_outputs_float_by_default_per_channel_on_request(exported, imag
     quantized = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
     assert {h + NORMALIZED_SUFFIX for h in heads} <= quantized and not quantized & set(heads)
     assert json.loads(read_metadata(per_channel)["edgeq.int8"])["head_outputs"] == "per-channel"
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "pc.optimized.onnx")
-    ort.InferenceSession(str(per_channel), opts, providers=["CPUExecutionProvider"])
-    assert "Conv" not in [n.op_type for n in onnx.load(str(tmp_path / "pc.optimized.onnx")).graph.node]
+    assert "Conv" not in _kernels(per_channel, tmp_path)
     # verify --layers still ranks the head convolutions, by the logits they restore
     from edgeq.data.images import load_sample_images
     from edgeq.verify import layer_snr

@@ -16,6 +16,7 @@ import torch
 
 from edgeq.errors import EdgeqError
 from edgeq.models import checkpoint as ckpt_mod
+from edgeq.models import safe_pickle, yolov5_import
 from edgeq.models.checkpoint import LoadedCheckpoint, load_checkpoint, load_model, save_checkpoint
 from edgeq.models.yolo import DetectionModel
 
@@ -371,20 +372,20 @@ def test_layer_type_mismatch(tmp_path):
     theirs.model[0].act = torch.nn.Hardswish()
     modules = dict(theirs.named_modules(remove_duplicate=False))
     with pytest.raises(EdgeqError, match=r"model\.0\.act is Hardswish in the checkpoint but SiLU"):
-        ckpt_mod._check_layer_types(tmp_path / "x.pt", ours, modules)
+        yolov5_import._check_layer_types(tmp_path / "x.pt", ours, modules)
 
 
 def test_resolve_global_allow_list():
     from torch import nn
 
-    assert ckpt_mod.resolve_global("torch.nn.modules.conv", "Conv2d") is nn.Conv2d
-    assert ckpt_mod.resolve_global("__builtin__", "set") is set
-    assert ckpt_mod.resolve_global("torch", "float16") is torch.float16
-    assert ckpt_mod.resolve_global("models.common", "C3").upstream_name == "models.common.C3"
+    assert safe_pickle.resolve_global("torch.nn.modules.conv", "Conv2d") is nn.Conv2d
+    assert safe_pickle.resolve_global("__builtin__", "set") is set
+    assert safe_pickle.resolve_global("torch", "float16") is torch.float16
+    assert safe_pickle.resolve_global("models.common", "C3").upstream_name == "models.common.C3"
     for module, name in [("torch", "load"), ("torch.nn.modules.module", "_global_forward_hooks"),
                          ("torch.nn.functional", "conv2d"), ("builtins", "getattr"), ("models.common", "__builtins__")]:
-        with pytest.raises(ckpt_mod._RefusedGlobal):
-            ckpt_mod.resolve_global(module, name)
+        with pytest.raises(safe_pickle._RefusedGlobal):
+            safe_pickle.resolve_global(module, name)
 
 
 # --------------------------------------------------------------------------- broken files

@@ -9,6 +9,9 @@ arguments (``kind``):
   argument (C3-style blocks) instead of stacking copies.
 * ``"concat"``, ``"detect"``, ``"passthrough"``: output channels = sum of inputs / head /
   the input's.
+
+This module holds only the registry. Block modules (``common``, ``mobilenet``) import it to
+register themselves; whoever looks blocks up imports those modules first, so imports go one way.
 """
 
 from __future__ import annotations
@@ -49,10 +52,11 @@ for _name, _cls in {
 
 
 def lookup_block(name: str, source: str = "model yaml") -> tuple[type[nn.Module], str]:
-    """Return (class, kind) for a yaml module name, or a clear error listing the known ones."""
-    # Importing the block modules fills the registry.
-    from edgeq.models import common, mobilenet  # noqa: F401
+    """Return (class, kind) for a yaml module name, or a clear error listing the known ones.
 
+    Only what has been registered so far is known: the caller imports the block modules first
+    (``edgeq.models.yolo`` does), so that this module never imports the modules that import it.
+    """
     if name not in BLOCKS:
         known = ", ".join(sorted(k for k in BLOCKS if not k.startswith("torch.")))
         raise EdgeqError(f"{source}: unknown module {name!r}", note=f"known modules: {known}")

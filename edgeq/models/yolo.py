@@ -1,8 +1,9 @@
 """DetectionModel and the parser for YOLOv5-format model yamls.
 
-The yaml is read with ``yaml.safe_load`` and module names are looked up in the block registry;
-nothing is ever ``eval``-ed. Argument strings ``nc`` and ``anchors`` refer to the yaml's own
-keys, ``None`` means None, other strings (``'nearest'``) are passed as they are.
+The yaml is read with ``yaml.safe_load`` and module names are looked up in the block registry,
+which importing the block modules below fills; nothing is ever ``eval``-ed. Argument strings
+``nc`` and ``anchors`` refer to the yaml's own keys, ``None`` means None, other strings
+(``'nearest'``) are passed as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import yaml
 from torch import nn
 
 from edgeq.errors import EdgeqError
+from edgeq.models import common, mobilenet  # noqa: F401  (importing them registers their blocks)
 from edgeq.models.common import Detect
 from edgeq.models.mobilenet import make_divisible
 from edgeq.models.registry import lookup_block

@@ -19,7 +19,7 @@ import pytest
 from edgeq.errors import EdgeqError
 from edgeq.runtime.backends import FlavourWarning, load_backend
 from edgeq.runtime.backends.base import Backend, TensorSpec, parse_meta
-from edgeq.runtime.backends.tensorrt import check_engine_compatibility, read_sidecar, sidecar_props
+from edgeq.runtime.engine_sidecar import check_engine_compatibility, read_sidecar, sidecar_props, write_sidecar
 from edgeq.runtime.parity import tensor_metrics
 from conftest import RuntimeArtifacts, add_onnx_metadata
 
@@ -195,7 +195,7 @@ def _build_engine(onnx_path: Path, engine_path: Path, max_batch: int = 4) -> Non
     gpu = cuda.Device(0)
     sidecar = {**props, "tensorrt_version": trt.__version__,
                "device": {"name": gpu.name(), "compute_capability": list(gpu.compute_capability())}}
-    engine_path.with_name(engine_path.name + ".json").write_text(json.dumps(sidecar))
+    write_sidecar(engine_path, sidecar)
 
 
 @pytest.mark.tensorrt
@@ -271,6 +271,10 @@ def test_sidecar_is_read_and_converted(tmp_path: Path):
     (tmp_path / "model.engine.json").write_text("{not json")
     with pytest.raises(EdgeqError, match="cannot read the engine sidecar"):
         read_sidecar(engine)
+    (tmp_path / "model.engine.json").unlink()
+    assert read_sidecar(engine) == {}  # an engine from another tool: loads unchecked
+    (tmp_path / "model.json").write_text(json.dumps(SIDECAR))  # the other name a sidecar may have
+    assert read_sidecar(engine) == SIDECAR
 
 
 def test_tensorrt_missing_package_says_how_to_install(tmp_path: Path):

@@ -115,6 +115,18 @@ def test_runtime_runs_without_torch(runtime_artifacts: RuntimeArtifacts, tmp_pat
             np.testing.assert_allclose(got, want, atol=2e-3, rtol=0, err_msg=label)
 
 
+def test_tensorrt_backend_and_engine_sidecar_import_no_export_code():
+    """The sidecar module is shared with the builder, yet the runtime side never pulls in edgeq.export."""
+    code = (
+        "import sys, edgeq.runtime.engine_sidecar, edgeq.runtime.backends.tensorrt\n"
+        "heavy = ('edgeq.export', 'edgeq.models', 'torch', 'tensorrt', 'pycuda', 'onnx')\n"
+        "print([m for m in heavy if m in sys.modules])"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 DEMO_CHILD = textwrap.dedent(
     """
     import json, sys

@@ -16,8 +16,10 @@ import pytest
 from edgeq.errors import EdgeqError
 from edgeq.export import trt_build as tb
 from edgeq.export import trt_calib_cache as cc
-from edgeq.export.trt_build import BuildOptions
-from edgeq.runtime.backends.tensorrt import check_engine_compatibility, read_sidecar
+from edgeq.export import trt_plan as tp
+from edgeq.export.trt_plan import BuildOptions
+from edgeq.runtime import engine_sidecar
+from edgeq.runtime.engine_sidecar import check_engine_compatibility, read_sidecar
 
 # ---------------------------------------------------------------------------- tiny ONNX models
 
@@ -74,17 +76,17 @@ def make_onnx(
 
 def test_profile_dynamic_batch():
     opts = BuildOptions(min_batch=1, opt_batch=4, max_batch=8)
-    shapes = tb.profile_shapes((-1, 3, 320, 320), (320, 320), opts)
+    shapes = tp.profile_shapes((-1, 3, 320, 320), (320, 320), opts)
     assert shapes == {"images": ((1, 3, 320, 320), (4, 3, 320, 320), (8, 3, 320, 320))}
 
 
 def test_profile_dynamic_hw_takes_imgsz():
-    shapes = tb.profile_shapes((-1, 3, -1, -1), (256, 320), BuildOptions(max_batch=2), "x")
+    shapes = tp.profile_shapes((-1, 3, -1, -1), (256, 320), BuildOptions(max_batch=2), "x")
     assert shapes["x"] == ((1, 3, 256, 320), (1, 3, 256, 320), (2, 3, 256, 320))
 
 
 def test_profile_static_shape_thrice():
-    shapes = tb.profile_shapes((2, 3, 64, 64), (64, 64), BuildOptions(min_batch=1, opt_batch=2, max_batch=2))
+    shapes = tp.profile_shapes((2, 3, 64, 64), (64, 64), BuildOptions(min_batch=1, opt_batch=2, max_batch=2))
     assert shapes["images"] == ((2, 3, 64, 64),) * 3
 
 
@@ -98,48 +100,48 @@ def test_profile_static_shape_thrice():
 )
 def test_profile_bad_ranges(kwargs, word):
     with pytest.raises(EdgeqError, match=word):
-        tb.profile_shapes((-1, 3, 32, 32), (32, 32), BuildOptions(**kwargs))
+        tp.profile_shapes((-1, 3, 32, 32), (32, 32), BuildOptions(**kwargs))
 
 
 def test_profile_static_batch_conflicts_name_the_argument():
     with pytest.raises(EdgeqError, match="max_batch=8 conflicts with the static batch 1"):
-        tb.profile_shapes((1, 3, 32, 32), (32, 32), BuildOptions(max_batch=8))
+        tp.profile_shapes((1, 3, 32, 32), (32, 32), BuildOptions(max_batch=8))
     with pytest.raises(EdgeqError, match="opt_batch=1 conflicts with the static batch 4") as info:
-        tb.profile_shapes((4, 3, 32, 32), (32, 32), BuildOptions())
+        tp.profile_shapes((4, 3, 32, 32), (32, 32), BuildOptions())
     assert "dynamic batch" in str(info.value)
 
 
 def test_profile_imgsz_conflicts_with_static_size():
     with pytest.raises(EdgeqError, match="imgsz 640x640 conflicts with the static size 320x320"):
-        tb.profile_shapes((1, 3, 320, 320), (640, 640), BuildOptions())
+        tp.profile_shapes((1, 3, 320, 320), (640, 640), BuildOptions())
 
 
 # ---------------------------------------------------------------------------- trtexec
 
 
 def test_trtexec_static_has_no_shape_flags():
-    cmd = tb.trtexec_command("m.onnx", "m.engine", BuildOptions(), imgsz=(320, 320), input_shape=(1, 3, 320, 320))
+    cmd = tp.trtexec_command("m.onnx", "m.engine", BuildOptions(), imgsz=(320, 320), input_shape=(1, 3, 320, 320))
     assert cmd == "trtexec --onnx=m.onnx --saveEngine=m.engine --memPoolSize=workspace:2048M --skipInference"
 
 
 def test_trtexec_dynamic_fp16_timing_cache(tmp_path):
     opts = BuildOptions(fp16=True, opt_batch=4, max_batch=8, workspace_gb=1.5, timing_cache=Path("t.cache"))
-    cmd = tb.trtexec_command("m.onnx", "m.engine", opts, imgsz=(320, 320), input_shape=(-1, 3, 320, 320))
+    cmd = tp.trtexec_command("m.onnx", "m.engine", opts, imgsz=(320, 320), input_shape=(-1, 3, 320, 320))
     assert "--minShapes=images:1x3x320x320 --optShapes=images:4x3x320x320 --maxShapes=images:8x3x320x320" in cmd
     assert "--fp16" in cmd and "--int8" not in cmd
     assert "--memPoolSize=workspace:1536M" in cmd and "--timingCacheFile=t.cache" in cmd
 
 
 def test_trtexec_int8_explicit_and_implicit():
-    explicit = tb.trtexec_command("m.int8-trt.onnx", "m.engine", BuildOptions(int8=True), input_shape=(1, 3, 640, 640))
+    explicit = tp.trtexec_command("m.int8-trt.onnx", "m.engine", BuildOptions(int8=True), input_shape=(1, 3, 640, 640))
     assert "--int8" in explicit and "--calib" not in explicit and "--stronglyTyped" not in explicit
     opts = BuildOptions(calibration_cache=Path("calib.cache"))
-    implicit = tb.trtexec_command("m.onnx", "m.engine", opts, input_shape=(1, 3, 640, 640))
+    implicit = tp.trtexec_command("m.onnx", "m.engine", opts, input_shape=(1, 3, 640, 640))
     assert "--int8 --calib=calib.cache" in implicit
 
 
 def test_trtexec_quotes_paths_and_defaults_to_dynamic_when_range_given():
-    cmd = tb.trtexec_command("my model.onnx", "out/m.engine", BuildOptions(max_batch=2), imgsz=(64, 64))
+    cmd = tp.trtexec_command("my model.onnx", "out/m.engine", BuildOptions(max_batch=2), imgsz=(64, 64))
     assert "--onnx='my model.onnx'" in cmd and "--maxShapes=images:2x3x64x64" in cmd
 
 
@@ -148,24 +150,24 @@ def test_trtexec_quotes_paths_and_defaults_to_dynamic_when_range_given():
 
 def test_read_onnx_io_float(tmp_path):
     path = make_onnx(tmp_path / "m.onnx", batch="batch", flavour="float")
-    name, shape, meta = tb.read_onnx_io(path)
+    name, shape, meta = tp.read_onnx_io(path)
     assert name == "images" and shape == (-1, 3, 32, 32)
     assert meta["edgeq.flavour"] == "float" and json.loads(meta["edgeq.imgsz"]) == [32, 32]
-    assert tb.inspect_onnx(path).qdq_nodes == 0
+    assert tp.inspect_onnx(path).qdq_nodes == 0
 
 
 def test_read_onnx_io_int8_trt_qdq(tmp_path):
     path = make_onnx(tmp_path / "m.int8-trt.onnx", qdq=True, flavour="int8-trt")
-    name, shape, meta = tb.read_onnx_io(path)
-    info = tb.inspect_onnx(path)
+    name, shape, meta = tp.read_onnx_io(path)
+    info = tp.inspect_onnx(path)
     assert shape == (1, 3, 32, 32) and info.qdq_nodes == 2
-    assert tb.int8_mode(path, info, BuildOptions()) == "explicit"
+    assert tp.int8_mode(path, info, BuildOptions()) == "explicit"
 
 
 def test_int8_ort_flavour_is_refused_with_the_fix(tmp_path):
     path = make_onnx(tmp_path / "m.int8-ort.onnx", qdq=True, zp_dtype="uint8", zp_value=128, flavour="int8-ort")
     with pytest.raises(EdgeqError) as info:
-        tb.read_onnx_io(path)
+        tp.read_onnx_io(path)
     text = str(info.value)
     assert "m.int8-ort.onnx" in text and "ONNX Runtime" in text and "int8-trt" in text
 
@@ -173,37 +175,37 @@ def test_int8_ort_flavour_is_refused_with_the_fix(tmp_path):
 def test_uint8_zero_points_refused_without_flavour(tmp_path):
     path = make_onnx(tmp_path / "foreign.onnx", qdq=True, zp_dtype="uint8", zp_value=128)
     with pytest.raises(EdgeqError, match="zero point 0.*QuantizeLinear q_in has a uint8 zero point"):
-        tb.read_onnx_io(path)
+        tp.read_onnx_io(path)
 
 
 def test_int8_trt_without_qdq_and_unknown_flavour_refused(tmp_path):
     with pytest.raises(EdgeqError, match="no QuantizeLinear"):
-        tb.read_onnx_io(make_onnx(tmp_path / "a.onnx", flavour="int8-trt"))
+        tp.read_onnx_io(make_onnx(tmp_path / "a.onnx", flavour="int8-trt"))
     with pytest.raises(EdgeqError, match="unknown edgeq.flavour"):
-        tb.read_onnx_io(make_onnx(tmp_path / "b.onnx", flavour="int4"))
+        tp.read_onnx_io(make_onnx(tmp_path / "b.onnx", flavour="int4"))
 
 
 def test_missing_or_broken_onnx(tmp_path):
     with pytest.raises(EdgeqError, match="does not exist"):
-        tb.read_onnx_io(tmp_path / "nope.onnx")
+        tp.read_onnx_io(tmp_path / "nope.onnx")
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     with pytest.raises(EdgeqError, match="not a readable ONNX"):
-        tb.read_onnx_io(tmp_path / "bad.onnx")
+        tp.read_onnx_io(tmp_path / "bad.onnx")
 
 
 def test_int8_request_on_float_onnx_needs_qdq_or_cache(tmp_path):
     path = make_onnx(tmp_path / "m.onnx")
-    info = tb.inspect_onnx(path)
-    assert tb.int8_mode(path, info, BuildOptions()) is None
-    assert tb.int8_mode(path, info, BuildOptions(calibration_cache=Path("c.cache"))) == "implicit"
+    info = tp.inspect_onnx(path)
+    assert tp.int8_mode(path, info, BuildOptions()) is None
+    assert tp.int8_mode(path, info, BuildOptions(calibration_cache=Path("c.cache"))) == "implicit"
     with pytest.raises(EdgeqError, match="float ONNX"):
-        tb.int8_mode(path, info, BuildOptions(int8=True))
+        tp.int8_mode(path, info, BuildOptions(int8=True))
 
 
 def test_engine_imgsz_sources(tmp_path):
     path = make_onnx(tmp_path / "m.onnx", imgsz_meta=False, size=48)
-    assert tb.engine_imgsz(path, tb.inspect_onnx(path), BuildOptions()) == (48, 48)
-    assert tb.engine_imgsz(path, tb.inspect_onnx(path), BuildOptions(imgsz=(96, 64))) == (96, 64)
+    assert tp.engine_imgsz(path, tp.inspect_onnx(path), BuildOptions()) == (48, 48)
+    assert tp.engine_imgsz(path, tp.inspect_onnx(path), BuildOptions(imgsz=(96, 64))) == (96, 64)
 
 
 # ---------------------------------------------------------------------------- sidecar
@@ -211,10 +213,11 @@ def test_engine_imgsz_sources(tmp_path):
 
 def _sidecar(**kw):
     opts = BuildOptions(fp16=True, max_batch=4)
-    shapes = tb.profile_shapes((-1, 3, 32, 32), (32, 32), opts)
-    return tb.sidecar_dict(
-        {"edgeq.flavour": "float"}, "10.3.0.30", {"name": "Orin", "compute_capability": "8.7"}, opts, "ab" * 32,
-        profile=shapes, onnx_name="m.onnx", trtexec="trtexec --onnx=m.onnx", build_seconds=12.345, **kw,
+    shapes = tp.profile_shapes((-1, 3, 32, 32), (32, 32), opts)
+    return engine_sidecar.sidecar_dict(
+        {"edgeq.flavour": "float"}, "10.3.0.30", {"name": "Orin", "compute_capability": "8.7"}, "ab" * 32,
+        fp16=opts.fp16, workspace_gb=opts.workspace_gb, profile=shapes, onnx_name="m.onnx",
+        trtexec="trtexec --onnx=m.onnx", build_seconds=12.345, **kw,
     )
 
 
@@ -226,10 +229,12 @@ def test_sidecar_contents_and_atomic_write(tmp_path):
     assert data["onnx"] == {"file": "m.onnx", "sha256": "ab" * 32} and data["build_seconds"] == 12.35
     assert data["edgeq.flavour"] == "float" and data["built_at"]  # metadata at the top, as the runtime reads it
     engine = tmp_path / "m.engine"
-    path = tb.write_sidecar(engine, data)
+    path = engine_sidecar.write_sidecar(engine, data)
     assert path == tmp_path / "m.engine.json"
     assert json.loads(path.read_text()) == data and read_sidecar(engine) == data
     assert [p.name for p in tmp_path.iterdir()] == ["m.engine.json"]  # no temp file left behind
+    assert _sidecar(int8="implicit", calibration_cache=Path("c.cache"))["calibration_cache"] == "c.cache"
+    assert _sidecar(int8="explicit", calibration_cache=Path("c.cache"))["calibration_cache"] is None
 
 
 def test_sidecar_is_what_the_runtime_checks():
@@ -247,6 +252,40 @@ def test_sidecar_is_what_the_runtime_checks():
         check(trt_version="10.3.0.30", device_name="NVIDIA GeForce RTX 4090")
     assert "built for Orin (compute capability 8.7) but this machine has NVIDIA GeForce RTX 4090" in str(device.value)
     assert str(device.value).endswith("or `trtexec --onnx=m.onnx`")
+
+
+def test_builder_sidecar_is_read_back_by_the_runtime(tmp_path, monkeypatch):
+    """What build_engine records after a build, the TensorRT backend reads: one module for both."""
+    import hashlib
+
+    from edgeq.runtime.backends import tensorrt as trt_backend
+
+    assert tb.engine_sidecar is trt_backend.engine_sidecar is engine_sidecar
+    assert [n for n in vars(trt_backend) if "sidecar" in n] == ["engine_sidecar"]  # no copy of its own
+
+    onnx_path = make_onnx(tmp_path / "m.int8-trt.onnx", batch="batch", qdq=True, flavour="int8-trt")
+    info = tp.inspect_onnx(onnx_path)
+    opts = BuildOptions(int8=True, max_batch=4)
+    shapes = tp.profile_shapes(info.shape, (32, 32), opts, info.name)
+    engine = tmp_path / "m.int8-trt.engine"
+    command = tp.trtexec_command(onnx_path, engine, opts, info.name, (32, 32), info.shape)
+    monkeypatch.setattr(tb, "detect_device", lambda: {"name": "Orin", "compute_capability": "8.7"})
+    written = tb.record_build(engine, onnx_path, info, opts, "10.3.0.30", profile=shapes, int8="explicit",
+                              trtexec=command, build_seconds=3.0)
+    assert written == engine_sidecar.sidecar_path(engine) == engine_sidecar.find_sidecar(engine)
+
+    data = read_sidecar(engine)  # what TensorRTBackend._load_impl does, minus the GPU
+    meta = engine_sidecar.model_meta(data, str(engine))
+    assert (meta.names, meta.imgsz, meta.flavour, meta.made_for) == (["a", "b"], (32, 32), "int8-trt", "tensorrt")
+    assert meta.extra["tensorrt_version"] == "10.3.0.30" and meta.extra["device"]["name"] == "Orin"
+    assert data["precision"] == {"fp16": False, "int8": "explicit"} and data["profile"]["images"]["max"][0] == 4
+    assert data["onnx"]["sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    check_engine_compatibility(data, trt_version="10.3.0.30", device_name="Orin", compute_capability=(8, 7),
+                               engine=engine)
+    with pytest.raises(EdgeqError) as other:
+        check_engine_compatibility(data, trt_version="10.3.0.30", device_name="NVIDIA L4",
+                                   compute_capability=(8, 9), engine=engine)
+    assert f"with `edgeq export m.int8-trt.onnx --format engine` or `{command}`" in str(other.value)
 
 
 # ---------------------------------------------------------------------------- calibration cache
@@ -322,7 +361,7 @@ def test_importing_trt_build_imports_no_backend():
     import subprocess
 
     code = (
-        "import sys, edgeq.export.trt_build, edgeq.export.trt_calib_cache\n"
+        "import sys, edgeq.export.trt_build, edgeq.export.trt_plan, edgeq.export.trt_calib_cache\n"
         "print([m for m in ('tensorrt', 'pycuda', 'onnx', 'torch') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeq import flavours
 from edgeq.errors import EdgeqError
 from edgeq.runtime.backends.base import Backend, ModelMeta, TensorSpec
 
@@ -27,14 +28,16 @@ SUFFIXES = {
     ".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt",
     ".pt": "torch", ".pth": "torch",
 }
-# INT8 flavour -> how a user names the export target on the command line
-_EXPORT_TARGET = {
-    "onnxruntime": "onnxruntime (int8-ort)", "openvino": "openvino (int8-ov)", "tensorrt": "tensorrt (int8-trt)",
-}
 
 
 class FlavourWarning(UserWarning):
     """An INT8 artifact quantized for one backend is being run on another."""
+
+
+def _export_target(backend: str) -> str:
+    """How the re-export advice names a backend: ``openvino (int8-ov)``, or the bare name (torch)."""
+    flavour = flavours.for_backend(backend)
+    return f"{backend} ({flavour.name})" if flavour else backend
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -75,7 +78,7 @@ def check_flavour(backend: Backend) -> None:
         warnings.warn(
             f"{backend.path.name} is an INT8 model quantized for {made_for} (flavour {backend.meta.flavour}) "
             f"but is running on {backend.name}; expect lower accuracy or speed, and re-export it for "
-            f"{_EXPORT_TARGET.get(backend.name, backend.name)} to deploy on {backend.name}",
+            f"{_export_target(backend.name)} to deploy on {backend.name}",
             FlavourWarning,
             stacklevel=3,
         )

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeq import flavours
 from edgeq.errors import EdgeqError
 
 META_PREFIX = "edgeq."
 META_KEYS = ("names", "stride", "imgsz", "version", "source_sha256", "flavour", "outputs")
-INT8_FLAVOURS = {"int8-trt": "tensorrt", "int8-ort": "onnxruntime", "int8-ov": "openvino"}
 Dim = int | str | None
 
 
@@ -68,7 +68,7 @@ class ModelMeta:
     @property
     def made_for(self) -> str | None:
         """The backend an INT8 flavour was quantized for, or None for float/unknown models."""
-        return INT8_FLAVOURS.get(self.flavour)
+        return flavours.made_for(self.flavour)
 
 
 def _json_value(source: str, key: str, text: str) -> Any:

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import yaml
 
-from edgeq.data import synthetic
-from edgeq.data.synthetic import CLASS_NAMES, generate_dataset, generate_images, generate_split, render_sample
+from edgeq.data import synthetic, synthetic_render
+from edgeq.data.synthetic import generate_dataset, generate_images, generate_split
+from edgeq.data.synthetic_render import CLASS_NAMES, render_sample
 
 
 def _files(root):
@@ -52,7 +53,7 @@ def test_generate_dataset_layout_and_labels(tmp_path):
     cfg = yaml.safe_load(data_yaml.read_text())
     assert cfg["train"] == "images/train" and cfg["val"] == "images/val"
     assert cfg["nc"] == len(CLASS_NAMES) and cfg["names"] == list(CLASS_NAMES)
-    assert f"v{synthetic.GENERATOR_VERSION} " in cfg["generator"]
+    assert f"v{synthetic_render.GENERATOR_VERSION} " in cfg["generator"]
     assert (tmp_path / "ds").resolve().as_posix() == cfg["path"].replace("\\", "/")
     train = tmp_path / "ds/images/train/000000.jpg"
     val = tmp_path / "ds/images/val/000000.jpg"
@@ -85,7 +86,7 @@ def test_render_sample_shapes_and_counts():
         assert img.shape == (320, 320, 3) and img.dtype == np.uint8
         assert labels.dtype == np.float32 and labels.shape[1] == 5
         assert np.all(labels[:, 1:] >= 0) and np.all(labels[:, 1:] <= 1)
-        assert np.all(labels[:, 3:] * 320 >= synthetic.MIN_BOX_PX)
+        assert np.all(labels[:, 3:] * 320 >= synthetic_render.MIN_BOX_PX)
         counts.append(len(labels))
         classes.update(int(c) for c in labels[:, 0])
     assert 1 <= min(counts) and max(counts) <= 10
@@ -104,9 +105,9 @@ def test_render_sample_shapes_and_counts():
 def test_boxes_are_tight_on_drawn_pixels(i):
     """Objects drawn onto the background change exactly the pixels inside their boxes."""
     rng = np.random.default_rng([99, i])
-    bg = synthetic._background(rng, 256)
+    bg = synthetic_render._background(rng, 256)
     img = bg.copy()
-    labels = synthetic._place_objects(img, rng, 256)
+    labels = synthetic_render._place_objects(img, rng, 256)
     assert len(labels) >= 1
     changed = np.abs(img.astype(int) - bg.astype(int)).max(2) > 3
     boxes = np.round(np.stack([

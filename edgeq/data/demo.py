@@ -40,7 +40,8 @@ def demo_weights() -> Path:
 
 def demo_data_yaml() -> Path:
     """data.yaml of the demo validation split, generating it on first use."""
-    from edgeq.data.synthetic import GENERATOR_VERSION, generate_dataset
+    from edgeq.data.synthetic import generate_dataset
+    from edgeq.data.synthetic_render import GENERATOR_VERSION
 
     out = cache_dir() / f"demo-shapes-g{GENERATOR_VERSION}-s{DEMO_SEED}-{DEMO_IMGSZ}-n{DEMO_VAL}"
     data_yaml = out / "data.yaml"

@@ -11,9 +11,9 @@ from edgeq.data.augment import (
     xywhn_to_xyxy,
     xyxy_to_xywhn,
 )
-from edgeq.data.loader import TrainDataset, collate
 from edgeq.data.synthetic import generate_dataset
 from edgeq.data.yolo import YoloDataset
+from edgeq.training.loader import TrainDataset, collate
 
 
 def _white_rect(h, w, box):

@@ -7,11 +7,11 @@ import csv
 import pytest
 import torch
 
-from edgeq.data.loader import TrainDataset, collate
 from edgeq.data.synthetic import generate_dataset
 from edgeq.data.yolo import YoloDataset
 from edgeq.models.checkpoint import load_checkpoint
 from edgeq.models.yolo import DetectionModel
+from edgeq.training.loader import TrainDataset, collate
 from edgeq.training.loss import DetectionLoss, bbox_ciou
 from edgeq.training.trainer import TrainConfig, Trainer
 

@@ -93,10 +93,10 @@ class Trainer:
     """``Trainer(TrainConfig(...)).fit()``; ``resume=True`` continues from ``out/last.pt``."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, epochs: int | None = None):
-        from edgeq.data.loader import TrainDataset, collate
         from edgeq.data.yolo import YoloDataset
         from edgeq.models.yolo import DetectionModel
         from edgeq.training.ema import ModelEMA
+        from edgeq.training.loader import TrainDataset, collate
         from edgeq.training.loss import DetectionLoss
 
         self.out = Path(cfg.out)

@@ -1,5 +1,7 @@
 """Torch Dataset + collate for YOLOv5-style training on a YoloDataset.
 
+It lives in ``edgeq.training``, not ``edgeq.data``, because it feeds the model through the
+runtime's preprocessing: training may import the runtime, the data readers must not.
 Validation-mode samples go through the very ``letterbox`` that inference uses, so mAP
 measured during training matches what the exported model sees. Augmented samples draw all
 randomness from ``default_rng([seed, epoch, index])``: reproducible with any number of

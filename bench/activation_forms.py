@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeq.export.fuse import HARD_FORMS, fuse_conv_bn, rewrite_hard_activations
+from edgeq.export.bn_fold import fuse_conv_bn
+from edgeq.export.hard_act import HARD_FORMS, rewrite_hard_activations
 from edgeq.models.mobilenet import h_sigmoid, h_swish
 from edgeq.models.yolo import DetectionModel
 

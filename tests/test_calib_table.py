@@ -13,7 +13,7 @@ import torch
 
 from edgeq.errors import EdgeqError
 from edgeq.export.calib_table import CalibrationTable, collect
-from edgeq.export.fuse import deploy
+from edgeq.export.deploy import deploy
 from edgeq.export.quantize import apply_ranges, insert_quant_points, quant_points
 from edgeq.models.checkpoint import save_checkpoint
 from edgeq.models.yolo import DetectionModel

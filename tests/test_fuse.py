@@ -14,14 +14,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from edgeq.errors import EdgeqError
-from edgeq.export import fuse as fuse_mod
-from edgeq.export.fuse import (
+from edgeq.export import bn_fold
+from edgeq.export.bn_fold import fuse_conv_bn
+from edgeq.export.deploy import deploy
+from edgeq.export.hard_act import (
     HARD_FORMS,
     HardSigmoidDeploy,
     HardSigmoidDeployFolded,
     HardSwishDeploy,
-    deploy,
-    fuse_conv_bn,
     rewrite_hard_activations,
 )
 from edgeq.models.common import Conv, Detect
@@ -147,10 +147,10 @@ def test_untraceable_model_falls_back_to_children():
 def test_known_patterns_fold_when_nothing_traces(monkeypatch):
     """Without fx: Sequential neighbours and the known act(bn(conv(x))) blocks still fold."""
 
-    def no_fx(module, own_forward_only=False):
+    def no_fx(module, own_forward_only=False, leaf=None):
         raise fx.proxy.TraceError("fx disabled for this test")
 
-    monkeypatch.setattr(fuse_mod, "_trace", no_fx)
+    monkeypatch.setattr(bn_fold, "trace", no_fx)
     torch.manual_seed(0)
     model = randomize(nn.Sequential(conv_bn_hswish(3, 8, 2), Conv(8, 8, 3), conv_bn_act(8, 4, 1), ConvTwoUsers()))
     fused, report = fuse_conv_bn(model)

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from edgeq.data.images import load_sample_images
 from edgeq.errors import EdgeqError
-from edgeq.export.fuse import deploy
+from edgeq.export.deploy import deploy
 from edgeq.export.onnx_export import export_onnx
 from edgeq.export.quantize import apply_ranges, calibrate, insert_quant_points, quant_points
 from edgeq.models.yolo import DetectionModel

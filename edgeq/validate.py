@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from edgeq.errors import EdgeqError
 
@@ -23,10 +22,10 @@ def evaluate_model(
     from edgeq.models.checkpoint import load_model
     from edgeq.runtime.evaluate import evaluate
 
+    import torch
+
     loaded = load_model(source, trust=trust)
-    size = imgsz or loaded.imgsz
-    if not size:
-        raise EdgeqError(f"{source}: the checkpoint does not record an image size; pass --imgsz")
+    size = loaded.input_size(imgsz)
     if len(dataset.names) != loaded.model.nc:
         raise EdgeqError(
             f"{source} predicts {loaded.model.nc} classes but the data set has {len(dataset.names)}",

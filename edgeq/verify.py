@@ -8,15 +8,18 @@ every Conv output against the float ONNX). A drop above the budget fails the run
 
 from __future__ import annotations
 
+import logging
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from edgeq import flavours
 from edgeq.errors import EdgeqError
+
+log = logging.getLogger("edgeq")
 
 
 @dataclass
@@ -67,16 +70,15 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
     """
     import onnx
 
-    from edgeq.export.observe import run_with_outputs
-    from edgeq.export.qdq import LOGIT_LIMIT, NORMALIZED_SUFFIX, head_tensors
+    from edgeq.graph import LOGIT_LIMIT, NORMALIZED_SUFFIX, float_name, head_tensors, run_with_outputs, tensor_names
     from edgeq.runtime.preprocess import preprocess_batch
 
     qgraph = onnx.load(str(quant_onnx), load_external_data=False).graph
     fgraph = onnx.load(str(float_onnx), load_external_data=False).graph
-    fnames = {out for n in fgraph.node for out in n.output} | {fgraph.input[0].name}
+    fnames = tensor_names(fgraph)
     convs = []
     for n in qgraph.node:
-        src = n.input[0].removesuffix("_dequantized") if n.input else ""
+        src = float_name(n.input[0]) if n.input else ""
         out = n.output[0] if n.output else ""
         if out.endswith(NORMALIZED_SUFFIX) and out.removesuffix(NORMALIZED_SUFFIX) in fnames:
             out = out.removesuffix(NORMALIZED_SUFFIX)  # a head with per-channel ranges: the restored logits
@@ -86,7 +88,7 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
         raise EdgeqError(f"{quant_onnx} shares no Conv tensor with the float model; is it an edgeq export?")
     fetch_q = list(dict.fromkeys([c[1] for c in convs] + [c[3] for c in convs]))
     heads = set(head_tensors(fgraph))
-    fetch_f = [name.removesuffix("_dequantized") for name in fetch_q]
+    fetch_f = [float_name(name) for name in fetch_q]
     signal = np.zeros(len(fetch_q))
     noise = np.zeros(len(fetch_q))
 
@@ -114,38 +116,11 @@ def layer_snr(float_onnx: str | Path, quant_onnx: str | Path, images: Sequence[n
     return sorted(rows, key=lambda r: r["snr_db"])
 
 
-def _float_onnx_for(weights: str, imgsz: int, out: Path, trust: bool) -> Path:
-    from edgeq.export.calib_table import _export_float
-
-    path, _, _ = _export_float(weights, imgsz, trust, out)
-    return path
-
-
 def reference_backend(weights: str | Path) -> str:
     """The backend the float reference runs on: "torch" for a checkpoint, else the artifact's own."""
     from edgeq.runtime.backends import SUFFIXES
 
     return SUFFIXES.get(Path(str(weights)).suffix.lower(), "torch")
-
-
-def _calibration_of(artifact: str) -> dict:
-    """The ``edgeq.int8`` record of an INT8 artifact (ONNX metadata or IR rt_info), else {}."""
-    import json
-
-    try:
-        if artifact.endswith(".onnx"):
-            from edgeq.export.onnx_export import read_metadata
-
-            meta = read_metadata(artifact)
-        elif artifact.endswith(".xml"):
-            from edgeq.export.openvino_export import read_rt_info
-
-            meta = read_rt_info(artifact)
-        else:
-            return {}
-        return json.loads(meta.get("edgeq.int8", "{}"))
-    except (OSError, ValueError, EdgeqError):
-        return {}
 
 
 def _onnx_of(artifact: str) -> Path | None:
@@ -155,6 +130,17 @@ def _onnx_of(artifact: str) -> Path | None:
         return p
     sibling = p.with_suffix(".onnx")
     return sibling if sibling.exists() else None
+
+
+def float_onnx_of(artifact: str, record: dict, weights: str | Path) -> Path | None:
+    """The float ONNX an INT8 artifact was made from: the reference itself when it is one, else
+    the file its ``edgeq.int8`` record names, next to the artifact (export writes them side by
+    side). None when neither is there; verify never rebuilds it from the checkpoint."""
+    if str(weights).endswith(".onnx"):
+        return Path(str(weights))
+    name = record.get("float_onnx")
+    candidate = Path(artifact).parent / name if name else None
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 def verify(
@@ -175,8 +161,8 @@ def verify(
     (e.g. ``best.onnx``) the INT8 ones are compared with.
     """
     from edgeq.data.yolo import YoloDataset
+    from edgeq.graph import int8_record
     from edgeq.runtime.parity import check_artifacts
-    from edgeq.validate import evaluate_model
 
     if not artifacts:
         raise EdgeqError("verify needs at least one artifact (.onnx, .xml, .engine)")
@@ -193,41 +179,42 @@ def verify(
             if float_artifact:
                 references[size] = evaluate_artifact(str(weights), dataset, threads=threads, progress=progress)
             else:
+                from edgeq.validate import evaluate_model  # imports torch, only where the reference is a checkpoint
+
                 references[size] = evaluate_model(weights, dataset, imgsz=size, trust=trust, progress=progress)
         return references[size]
 
     scores: list[ArtifactScore] = []
     parity = check_artifacts(weights, [str(a) for a in artifacts], list(parity_images), threads=threads) if parity_images else {}
-    with tempfile.TemporaryDirectory(prefix="edgeq-verify-") as tmp:
-        float_onnx = None
-        for artifact in map(str, artifacts):
-            result = evaluate_artifact(artifact, dataset, threads=threads, progress=progress)
-            reference = reference_at(result["imgsz"])
-            score = ArtifactScore(
-                artifact=artifact,
-                backend=result["backend"],
-                flavour=result["flavour"],
-                map50=result["map50"],
-                map50_95=result["map50_95"],
-                drop50=100.0 * (reference["map50"] - result["map50"]),
-                drop50_95=100.0 * (reference["map50_95"] - result["map50_95"]),
-                parity=parity[artifact].to_dict() if artifact in parity else {},
-                ms_per_image=result.get("speed_ms_per_image"),
-                calibration=_calibration_of(artifact),
-            )
-            if layers and parity_images and result["flavour"].startswith("int8"):
-                qonnx = _onnx_of(artifact)
-                if qonnx is not None:
-                    if float_onnx is None:
-                        float_onnx = (Path(str(weights)) if str(weights).endswith(".onnx") else
-                                      _float_onnx_for(str(weights), reference["imgsz"], Path(tmp) / "float.onnx", trust))
-                    every = layer_snr(float_onnx, qonnx, list(parity_images)[:8], reference["imgsz"])
-                    score.worst_layers = every[:layers]
-                    score.layer_snr_db = [[r["node"], round(r["snr_db"], 2) if math.isfinite(r["snr_db"]) else None]
-                                          for r in every]
-            if max_map_drop is not None:
-                score.passed = score.drop50_95 <= max_map_drop
-            scores.append(score)
+    for artifact in map(str, artifacts):
+        result = evaluate_artifact(artifact, dataset, threads=threads, progress=progress)
+        reference = reference_at(result["imgsz"])
+        record = int8_record(artifact)
+        score = ArtifactScore(
+            artifact=artifact,
+            backend=result["backend"],
+            flavour=result["flavour"],
+            map50=result["map50"],
+            map50_95=result["map50_95"],
+            drop50=100.0 * (reference["map50"] - result["map50"]),
+            drop50_95=100.0 * (reference["map50_95"] - result["map50_95"]),
+            parity=parity[artifact].to_dict() if artifact in parity else {},
+            ms_per_image=result.get("speed_ms_per_image"),
+            calibration=record,
+        )
+        if layers and parity_images and flavours.is_int8(result["flavour"]):
+            qonnx, float_onnx = _onnx_of(artifact), float_onnx_of(artifact, record, weights)
+            if qonnx is None or float_onnx is None:
+                log.warning("%s: no per-layer SNR (--layers): %s not found next to it", Path(artifact).name,
+                            "its Q/DQ ONNX" if qonnx is None else f"the float ONNX {record.get('float_onnx', '')!r}")
+            else:
+                every = layer_snr(float_onnx, qonnx, list(parity_images)[:8], reference["imgsz"])
+                score.worst_layers = every[:layers]
+                score.layer_snr_db = [[r["node"], round(r["snr_db"], 2) if math.isfinite(r["snr_db"]) else None]
+                                      for r in every]
+        if max_map_drop is not None:
+            score.passed = score.drop50_95 <= max_map_drop
+        scores.append(score)
     first = next(iter(references.values()))
     return {
         "weights": str(weights),

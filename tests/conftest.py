@@ -192,3 +192,47 @@ def runtime_artifacts(tmp_path_factory: pytest.TempPathFactory) -> RuntimeArtifa
         reference=reference,
         props=props,
     )
+
+
+@dataclass
+class Int8Export:
+    checkpoint: Path
+    result: object  # edgeq.export.pipeline.ExportResult
+    images: Path  # the 8 calibration images it was calibrated on
+
+
+@pytest.fixture(scope="session")
+def calib_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 8 bundled calibration images, in a folder of their own."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("calib8")
+    for p in sorted((Path(__file__).resolve().parents[1] / "calib_data").glob("*.jpg"))[:8]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def int8_export(tmp_path_factory: pytest.TempPathFactory, calib_images: Path) -> Int8Export:
+    """One INT8 export shared by every test that needs one: a random-weight MobileNetV3-YOLO
+    (non-trivial BN statistics, so every layer has a real range) at 64 px, float + int8-ort +
+    int8-ov (IR) with the default settings (fallback, bias correction), calibrated on 8 images."""
+    import torch
+
+    from edgeq.export.pipeline import Int8Request, export_model
+    from edgeq.models.checkpoint import save_checkpoint
+    from edgeq.models.yolo import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5s-mobilenetv3-small", nc=3).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.3, 0.3)
+            m.running_var.uniform_(0.5, 2.0)
+    root = tmp_path_factory.mktemp("int8")
+    ckpt = save_checkpoint(model, root / "m.pt", names=["a", "b", "c"], imgsz=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export_model(ckpt, formats="onnx,openvino", out_dir=root / "out",
+                              int8=Int8Request(data=calib_images, num_images=8, progress=False))
+    return Int8Export(ckpt, result, calib_images)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -14,14 +11,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.data.images import load_sample_images
 from edgeq.export.bias_correction import apply_bias_shifts, bias_shifts, conv_quantization
 from edgeq.export.int8 import Int8Options, quantize_file
-from edgeq.export.onnx_export import read_metadata
-from edgeq.export.pipeline import Int8Request, export_model
 from edgeq.export.qdq import per_channel_int8
-from edgeq.models.checkpoint import save_checkpoint
-from edgeq.models.yolo import DetectionModel
+from edgeq.graph import read_metadata
 
 SCALE, ZERO = 0.04, 3  # a coarse step against inputs mostly in [0, 0.06]: rounding is biased there
 
@@ -65,7 +58,7 @@ def test_measured_shift_is_the_exact_mean_of_the_rounding_error(group, stride):
     assert (view.input, view.scale, view.zero_point, view.low, view.high, view.weights) == ("x", pytest.approx(SCALE), ZERO, 0, 255, True)
 
     batches = [rng.gamma(1.0, 0.02, (1, 4, 11, 11)).astype(np.float32) for _ in range(24)]
-    shifts = bias_shifts(float_model, q_model, batches)["conv"]
+    shifts = bias_shifts(float_model, {"q": q_model}, batches)["q"]["conv"]
 
     x = torch.from_numpy(np.concatenate(batches))
     xq = (torch.clamp(torch.round(x / SCALE) + ZERO, 0, 255) - ZERO) * SCALE
@@ -109,24 +102,9 @@ def test_a_conv_without_bias_or_with_a_shared_one_gets_its_own(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def random_model(tmp_path_factory):
-    """A random-weight MobileNetV3-YOLO exported float + INT8 (ORT and OpenVINO flavours)."""
-    folder = tmp_path_factory.mktemp("imgs")
-    for p in sorted(Path("calib_data").glob("*.jpg"))[:8]:
-        shutil.copy(p, folder / p.name)
-    torch.manual_seed(1)
-    model = DetectionModel("yolov5s-mobilenetv3-small", nc=3).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    root = tmp_path_factory.mktemp("bc")
-    ckpt = save_checkpoint(model, root / "m.pt", names=["a", "b", "c"], imgsz=64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = export_model(ckpt, formats="onnx,openvino", out_dir=root / "out",
-                              int8=Int8Request(data=folder, num_images=8, fallback=0, bias_images=8, progress=False))
-    return result, folder
+def random_model(int8_export):
+    """The session's shared INT8 export (tests/conftest.py): bias correction on by default."""
+    return int8_export.result, int8_export.images
 
 
 def test_export_corrects_every_quantized_convolution_and_records_it(random_model, tmp_path):
@@ -139,3 +117,19 @@ def test_export_corrects_every_quantized_convolution_and_records_it(random_model
     plain, report = quantize_file(result.artifacts["onnx"], result.table, "ov", tmp_path / "p.int8-ov.onnx", Int8Options())
     assert report.bias_corrected == 0
     assert json.loads(read_metadata(plain)["edgeq.int8"])["bias_correction"] == {"images": 0, "convolutions": 0}
+
+
+def test_one_float_pass_corrects_each_flavour_as_alone(random_model, tmp_path):
+    """The export measures every flavour's shifts from one float pass; one flavour corrected on
+    its own (quantize_file) gets exactly the same biases."""
+    from edgeq.runtime.preprocess import preprocess_batch
+    from edgeq.data.images import load_sample_images
+
+    result, folder = random_model
+    batches = [preprocess_batch([im], 64)[0] for im in load_sample_images(folder, 8)]
+    report = result.int8_reports["int8-ov"]
+    alone, _ = quantize_file(result.artifacts["onnx"], result.table, "ov", tmp_path / "a.int8-ov.onnx",
+                             Int8Options(float_tensors=tuple(report.float_tensors)), correction_batches=batches)
+    exported = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(result.artifacts["int8-ov"])).graph.initializer}
+    mine = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(alone)).graph.initializer}
+    assert exported.keys() == mine.keys() and all(np.array_equal(exported[k], mine[k]) for k in mine)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from edgeq.cli import build_parser
+from edgeq.cli_args import build_parser
 
 HEAVY = ("torch", "openvino", "tensorrt", "pycuda", "onnxruntime", "onnx", "cv2")
 

@@ -121,7 +121,7 @@ def edgeq_commands(block: Block) -> list[list[str]]:
 
 def parse_error(argv: list[str]) -> str | None:
     """None when edgeq's parser accepts ``argv`` (nothing runs), else its error message."""
-    from edgeq.cli import build_parser
+    from edgeq.cli_args import build_parser
 
     err = io.StringIO()
     try:

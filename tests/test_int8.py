@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from edgeq.errors import EdgeqError
-from edgeq.export.calib_table import CalibrationTable, collect
-from edgeq.export.int8 import Int8Options, quantize_file, tensor_sensitivity
-from edgeq.export.pipeline import Int8Request, export_model
-from edgeq.export.qdq import decode_nodes
+from edgeq.export.calib_table import CalibrationTable, calibrate
+from edgeq.export.int8 import Int8Options, quantize_file
+from edgeq.export.pipeline import export_model
+from edgeq.export.sensitivity import rank_tensors
+from edgeq.graph import decode_nodes, read_metadata, read_rt_info
 from edgeq.models.checkpoint import save_checkpoint
 from edgeq.models.yolo import DetectionModel
 
@@ -25,29 +23,14 @@ S = 64
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("imgs")
-    for p in sorted(Path("calib_data").glob("*.jpg"))[:8]:
-        shutil.copy(p, folder / p.name)
-    return folder
+def images(calib_images):
+    return calib_images
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, images):
-    """A random-weight MobileNetV3-YOLO exported float + INT8 for ONNX Runtime and OpenVINO."""
-    torch.manual_seed(0)
-    model = DetectionModel("yolov5s-mobilenetv3-small", nc=3).eval()
-    for m in model.modules():  # non-trivial BN statistics, so every layer has a real range
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.3, 0.3)
-            m.running_var.uniform_(0.5, 2.0)
-    root = tmp_path_factory.mktemp("int8")
-    ckpt = save_checkpoint(model, root / "m.pt", names=["a", "b", "c"], imgsz=S)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = export_model(ckpt, formats="onnx,openvino", out_dir=root / "out",
-                              int8=Int8Request(data=images, num_images=8, progress=False))
-    return ckpt, result
+def exported(int8_export):
+    """The session's shared INT8 export (tests/conftest.py): checkpoint, ExportResult."""
+    return int8_export.checkpoint, int8_export.result
 
 
 def _kernels(path, tmp_path) -> list[str]:
@@ -60,6 +43,13 @@ def _kernels(path, tmp_path) -> list[str]:
     return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
 
 
+def _batches(folder, count: int) -> list[np.ndarray]:
+    from edgeq.data.images import load_sample_images
+    from edgeq.runtime.preprocess import preprocess_batch
+
+    return [preprocess_batch([im], S)[0] for im in load_sample_images(folder, count)]
+
+
 def _values(proto) -> dict[str, np.ndarray]:
     values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node if n.op_type == "Constant"})
@@ -67,9 +57,6 @@ def _values(proto) -> dict[str, np.ndarray]:
 
 
 def test_artifacts_name_their_flavour_in_file_name_and_metadata(exported):
-    from edgeq.export.onnx_export import read_metadata
-    from edgeq.export.openvino_export import read_rt_info
-
     _, result = exported
     names = {k: p.name for k, p in result.artifacts.items()}
     assert names["int8-ort"] == "m.int8-ort.onnx" and names["int8-ov-ir"] == "m.int8-ov.xml"
@@ -137,8 +124,6 @@ def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, t
     runs as QLinearConv. The other flavours refuse it (TensorRT needs symmetric int8 weights)."""
     import onnxruntime as ort
 
-    from edgeq.export.onnx_export import read_metadata
-
     _, result = exported
     path, _ = quantize_file(result.artifacts["onnx"], result.table, "ort", tmp_path / "u8.onnx", Int8Options(uint8_weights=True))
     proto = onnx.load(str(path))
@@ -159,7 +144,7 @@ def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, t
         n.op_type == "Conv" for n in onnx.load(str(result.artifacts["onnx"])).graph.node) - 3
 
     for flavour in ("ov", "trt"):
-        with pytest.raises(EdgeqError, match="int8-ort only"):
+        with pytest.raises(EdgeqError, match="for int8-ort only"):
             quantize_file(result.artifacts["onnx"], result.table, flavour, tmp_path / f"{flavour}.onnx",
                           Int8Options(uint8_weights=True))
 
@@ -167,8 +152,8 @@ def test_uint8_weights_are_the_same_values_and_still_integer_kernels(exported, t
 def test_ort_head_outputs_float_by_default_per_channel_on_request(exported, images, tmp_path, caplog):
     import onnxruntime as ort
 
-    from edgeq.export.onnx_export import read_metadata
-    from edgeq.export.qdq import NORMALIZED_SUFFIX, head_tensors, normalize_heads
+    from edgeq.export.qdq import normalize_heads
+    from edgeq.graph import NORMALIZED_SUFFIX, head_tensors
 
     _, result = exported
     float_proto = onnx.load(str(result.artifacts["onnx"]))
@@ -266,7 +251,7 @@ def test_fallback_leaves_the_most_sensitive_tensors_float(exported, images, tmp_
     from edgeq.data.images import load_sample_images
 
     _, result = exported
-    ranked = tensor_sensitivity(result.artifacts["onnx"], result.table, "ov", load_sample_images(images, 2), progress=False)
+    ranked = rank_tensors(result.artifacts["onnx"], result.table, "ov", _batches(images, 2), keep=None, progress=False)
     assert len(ranked) > 10 and ranked[0]["nsr"] >= ranked[-1]["nsr"] and ranked[0]["nsr"] > 0
     keep = tuple(r["tensor"] for r in ranked[:3])
     path, report = quantize_file(result.artifacts["onnx"], result.table, "ov", tmp_path / "f.onnx",
@@ -281,11 +266,10 @@ def test_fallback_leaves_the_most_sensitive_tensors_float(exported, images, tmp_
 def test_ort_sensitivity_ranks_every_tensor_it_quantizes(exported, images, tmp_path):
     """int8-ort quantizes convolution outputs too (its integer kernels need them); on the trained
     demo model the stem convolution's output was the most harmful tensor, so they are ranked."""
-    from edgeq.data.images import load_sample_images
-    from edgeq.export.qdq import plan
+    from edgeq.export.qdq_plan import plan
 
     _, result = exported
-    ranked = tensor_sensitivity(result.artifacts["onnx"], result.table, "ort", load_sample_images(images, 1), progress=False)
+    ranked = rank_tensors(result.artifacts["onnx"], result.table, "ort", _batches(images, 1), keep=None, progress=False)
     proto = onnx.load(str(result.artifacts["onnx"]))
     assert {r["tensor"] for r in ranked} == set(plan(proto, "ort").activations)
     conv_outputs = {n.output[0] for n in proto.graph.node if n.op_type == "Conv"}
@@ -297,7 +281,7 @@ def test_ort_sensitivity_ranks_every_tensor_it_quantizes(exported, images, tmp_p
 
 
 def test_fallback_takes_at_most_n_tensors_and_only_harmful_ones():
-    from edgeq.export.int8 import FALLBACK_MIN_NSR, fallback_tensors
+    from edgeq.export.sensitivity import FALLBACK_MIN_NSR, fallback_tensors
 
     ranked = [{"tensor": t, "nsr": v} for t, v in (("a", 4e-4), ("b", 6e-5), ("c", 2e-5), ("d", 9e-6), ("e", 1e-9))]
     assert fallback_tensors(ranked, 2) == ("a", "b")
@@ -307,9 +291,9 @@ def test_fallback_takes_at_most_n_tensors_and_only_harmful_ones():
 
 
 def test_empty_calibration_folder_is_refused(exported, tmp_path):
-    ckpt, _ = exported
+    _, result = exported
     with pytest.raises(EdgeqError, match=tmp_path.name):
-        collect(ckpt, tmp_path, progress=False)
+        calibrate(result.artifacts["onnx"], tmp_path, progress=False)
 
 
 def test_onnxruntime_spin_option(exported):
@@ -326,7 +310,6 @@ def test_onnxruntime_spin_option(exported):
 
 def test_cli_calibrate_then_export_from_the_table(exported, images, tmp_path, capsys):
     from edgeq.cli import main
-    from edgeq.export.onnx_export import read_metadata
 
     ckpt, _ = exported
     table = tmp_path / "m.calib.json"
@@ -379,7 +362,7 @@ def test_layer_snr_compares_head_logits_where_the_sigmoid_still_moves(exported, 
     """Two head logits of -100 and -60 give the same score (sigmoid ~ 0): no error. Unclipped,
     the difference would rank that head worst of all (it did on the demo: 9 dB, all of it there)."""
     from edgeq.data.images import load_sample_images
-    from edgeq.export.qdq import head_tensors
+    from edgeq.graph import head_tensors
     from edgeq.verify import layer_snr
 
     _, result = exported
@@ -398,3 +381,47 @@ def test_layer_snr_compares_head_logits_where_the_sigmoid_still_moves(exported, 
         bias.CopyFrom(numpy_helper.from_array(b, bias.name))
     rows = {r["tensor"]: r for r in layer_snr(paths[0], paths[1], load_sample_images(images, 2), S)}
     assert rows[head]["snr_db"] == float("inf") and rows[head]["added_nsr"] == 0
+
+
+def test_switched_sensitivity_equals_quantizing_each_tensor_alone(exported, images):
+    """The one-session switch graph measures what a graph with only that tensor quantized gives."""
+    from edgeq import flavours
+    from edgeq.export.int8 import flavour_ranges
+    from edgeq.export.qdq import quantize_onnx
+    from edgeq.export.qdq_plan import plan
+    from edgeq.export.sensitivity import tensor_sensitivity
+    from edgeq.graph import LOGIT_LIMIT, head_tensors, session_with_outputs
+
+    _, result = exported
+    model = onnx.load(str(result.artifacts["onnx"]))
+    heads = head_tensors(model.graph)
+    batches = _batches(images, 2)
+    for flavour in (flavours.get("ort"), flavours.get("ov")):
+        ranges = flavour_ranges(result.table, flavour)
+        tensors = plan(model, flavour).activations[:6]
+        ranked = tensor_sensitivity(model, ranges, flavour, tensors, batches, keep=None, progress=False)
+        float_session = session_with_outputs(onnx.ModelProto.FromString(model.SerializeToString()), heads)
+        for row in ranked:
+            alone, _ = quantize_onnx(model, ranges, flavour, only_tensors={row["tensor"]}, weights=False)
+            session = session_with_outputs(alone, heads)
+            signal = noise = 0.0
+            for b in batches:
+                ref = float_session.run(heads, {"images": b})
+                got = session.run(heads, {"images": b})
+                for r, g in zip(ref, got):
+                    r = np.clip(r, -LOGIT_LIMIT, LOGIT_LIMIT).astype(np.float64)
+                    signal += float(np.square(r).sum())
+                    noise += float(np.square(r - np.clip(g, -LOGIT_LIMIT, LOGIT_LIMIT)).sum())
+            assert row["nsr"] == pytest.approx(noise / signal, rel=1e-3, abs=1e-12), (flavour.name, row)
+
+
+def test_screened_sensitivity_scores_the_worst_on_every_image(exported, images):
+    from edgeq.export.sensitivity import rank_tensors
+
+    _, result = exported
+    full = rank_tensors(result.artifacts["onnx"], result.table, "ov", _batches(images, 3), keep=None, progress=False)
+    screened = rank_tensors(result.artifacts["onnx"], result.table, "ov", _batches(images, 3), keep=5, progress=False)
+    assert len(screened) == len(full) and {r["tensor"] for r in screened} == {r["tensor"] for r in full}
+    assert [r["images"] for r in screened[:5]] == [3] * 5 and all(r["images"] == 1 for r in screened[5:])
+    exact = {r["tensor"]: r["nsr"] for r in full}
+    assert all(r["nsr"] == pytest.approx(exact[r["tensor"]], rel=1e-6) for r in screened[:5])

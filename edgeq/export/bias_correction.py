@@ -50,7 +50,7 @@ class ConvQuantization:
 
 def conv_quantization(q_model) -> dict[str, ConvQuantization]:
     """Conv node name -> how ``q_model`` (a Q/DQ ModelProto) quantizes that convolution."""
-    from edgeq.export.qdq import constants
+    from edgeq.graph import constants
 
     graph = q_model.graph
     producer = {out: node for node in graph.node for out in node.output}
@@ -117,7 +117,8 @@ def _output_mean(weight: np.ndarray, taps: np.ndarray, groups: int) -> np.ndarra
 def _convs(float_model, q_model) -> list[_Conv]:
     from onnx import helper
 
-    from edgeq.export.qdq import constants, per_channel_int8
+    from edgeq.export.qdq import per_channel_int8
+    from edgeq.graph import constants
 
     values = constants(float_model.graph)
     quant = conv_quantization(q_model)
@@ -147,35 +148,44 @@ def _convs(float_model, q_model) -> list[_Conv]:
     return convs
 
 
-def bias_shifts(float_model, q_model, batches: Sequence[np.ndarray], *, progress: bool = False) -> dict[str, np.ndarray]:
-    """Conv node name -> the per-channel mean that quantization adds to its output, measured on
-    ``batches`` (preprocessed NCHW float32) run through ``float_model``."""
-    from tqdm import tqdm
-
-    from edgeq.export.observe import session_with_outputs
+def bias_shifts(float_model, q_models: dict[str, object], batches: Sequence[np.ndarray], *,
+                progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """For each Q/DQ graph of ``q_models`` (flavour name -> ModelProto): conv node name -> the
+    per-channel mean its quantization adds to the conv's output, measured on ``batches``
+    (preprocessed NCHW float32) run once through ``float_model`` for every flavour."""
+    from edgeq.graph import session_with_outputs
+    from edgeq.utils.progress import progress_bar
 
     if not batches:
         raise EdgeqError("bias correction needs at least one image")
-    convs = _convs(float_model, q_model)
+    convs = {name: _convs(float_model, q) for name, q in q_models.items()}
     input_name = float_model.graph.input[0].name
-    fetch = list(dict.fromkeys(c.quant.input for c in convs if c.quant.input != input_name))
+    fetch = list(dict.fromkeys(c.quant.input for cs in convs.values() for c in cs if c.quant.input != input_name))
     model = type(float_model)()
     model.CopyFrom(float_model)
     session = session_with_outputs(model, fetch, basic=True)
-    sums = {c.name: np.zeros(c.weight.shape[0], np.float64) for c in convs}
-    for batch in tqdm(batches, desc="bias correction", unit="image", disable=not progress):
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
-        acts = dict(zip(fetch, session.run(fetch, {input_name: batch})))
-        acts[input_name] = batch
-        rounded: dict[tuple, np.ndarray] = {}
-        for c in convs:
-            x = acts[c.quant.input]
-            key = (c.quant.input, c.quant.scale, c.quant.zero_point)
-            if key not in rounded:
-                rounded[key] = _fake_quant(x, c.quant)
-            taps, taps_q = _tap_means(x, c), _tap_means(rounded[key], c)
-            sums[c.name] += _output_mean(c.weight_q, taps_q, c.groups) - _output_mean(c.weight, taps, c.groups)
-    return {name: (total / len(batches)).astype(np.float32) for name, total in sums.items()}
+    sums = {name: {c.name: np.zeros(c.weight.shape[0], np.float64) for c in cs} for name, cs in convs.items()}
+    with progress_bar(total=len(batches), desc="bias correction", unit="image", enabled=progress) as bar:
+        for batch in batches:
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+            acts = dict(zip(fetch, session.run(fetch, {input_name: batch})))
+            acts[input_name] = batch
+            float_means: dict[tuple, np.ndarray] = {}  # (conv, input) -> float output mean, shared by the flavours
+            for name, cs in convs.items():
+                rounded: dict[tuple, np.ndarray] = {}
+                for c in cs:
+                    x = acts[c.quant.input]
+                    key = (c.quant.input, c.quant.scale, c.quant.zero_point)
+                    if key not in rounded:
+                        rounded[key] = _fake_quant(x, c.quant)
+                    exact = (c.name, c.quant.input)
+                    if exact not in float_means:
+                        float_means[exact] = _output_mean(c.weight, _tap_means(x, c), c.groups)
+                    taps_q = _tap_means(rounded[key], c)
+                    sums[name][c.name] += _output_mean(c.weight_q, taps_q, c.groups) - float_means[exact]
+            bar.update(1)
+    return {name: {conv: (total / len(batches)).astype(np.float32) for conv, total in per.items()}
+            for name, per in sums.items()}
 
 
 def apply_bias_shifts(float_model, shifts: dict[str, np.ndarray]):
@@ -183,7 +193,7 @@ def apply_bias_shifts(float_model, shifts: dict[str, np.ndarray]):
     added where a convolution has none)."""
     from onnx import numpy_helper
 
-    from edgeq.export.qdq import constants
+    from edgeq.graph import constants
 
     model = type(float_model)()
     model.CopyFrom(float_model)

@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from edgeq.errors import EdgeqError
 from edgeq.export.calibrators import METHODS, TensorStats
 
@@ -97,24 +99,6 @@ class CalibrationTable:
             extra=data.get("extra", {}),
         )
 
-    def attach(self, model, source: str = "calibration table") -> None:
-        """Give every quantization point of a PyTorch fake-quant ``model`` its statistics.
-
-        The table is keyed by the float ONNX's tensor names; ``extra["torch_points"]`` maps each
-        PyTorch point (``model.1.conv.0.input``) to its tensor. A point the table misses is refused.
-        """
-        from edgeq.export.quantize import quant_points
-
-        mapping = self.extra.get("torch_points", {})
-        for point in quant_points(model):
-            stats = self.tensors.get(mapping.get(point.name, point.name))
-            if stats is None:
-                raise EdgeqError(
-                    f"{source} does not match this model: no statistics for {point.name}",
-                    note="the table was computed for another model or edgeq version; run edgeq calibrate again",
-                )
-            point.stats = stats
-
     def channel_ranges(self) -> dict:
         """tensor -> per-channel (min, max) arrays, for the tensors observed per channel (head outputs)."""
         return {name: stats.channel_range for name, stats in self.tensors.items() if stats.channel_range is not None}
@@ -132,43 +116,29 @@ class CalibrationTable:
         return out
 
 
-def torch_points(onnx_model) -> dict[str, str]:
-    """PyTorch quantization-point name -> ONNX tensor, from the exporter's node names."""
-    points = {}
-    for node in onnx_model.graph.node:
-        if node.op_type not in ("Conv", "Gemm"):
-            continue
-        path = conv_module_path(node.name)
-        if path:
-            points[f"{path}.input"] = node.input[0]
-            points[f"{path}.output"] = node.output[0]
-    return points
-
-
-def collect(
-    weights: str | Path,
+def calibrate(
+    float_onnx: str | Path,
     data: str | Path,
     *,
     num_images: int = 256,
-    imgsz: int | None = None,
     method: str = "percentile",
     progress: bool = True,
-    trust: bool = False,
-    float_onnx: str | Path | None = None,
-) -> CalibrationTable:
-    """Calibrate ``weights`` on the first ``num_images`` images of ``data`` (sorted by name).
+    keep: int = 0,
+) -> tuple[CalibrationTable, list[np.ndarray]]:
+    """Calibrate the float ONNX on the first ``num_images`` images of ``data`` (sorted by name).
 
-    Runs the float ONNX (``float_onnx``, or one exported here from the deploy graph) in ONNX
-    Runtime and observes every tensor any INT8 flavour quantizes: one calibration serves them all.
+    Runs the float ONNX in ONNX Runtime and observes every tensor any INT8 flavour quantizes:
+    one calibration serves them all. Each image is decoded once; the first ``keep`` preprocessed
+    inputs come back with the table, for the later stages that need images (sensitivity, bias
+    correction), so nothing reads them again.
     """
-    import tempfile
-
     import onnx
 
     from edgeq import __version__
     from edgeq.data.images import iter_images, list_images
     from edgeq.export.observe import observe_onnx
-    from edgeq.export.qdq import candidate_tensors, head_tensors
+    from edgeq.export.qdq_plan import candidate_tensors
+    from edgeq.graph import head_tensors, read_metadata
     from edgeq.runtime.preprocess import preprocess_batch
 
     if method not in METHODS:
@@ -180,35 +150,34 @@ def collect(
         warnings.warn(f"{data} holds {len(paths)} images, fewer than the {num_images} asked for: using all of them",
                       stacklevel=2)
     paths = paths[:num_images]
-    with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
-        if float_onnx is None:
-            float_onnx, size, sha = _export_float(weights, imgsz, trust, Path(tmp) / "float.onnx")
-        else:
-            from edgeq.export.onnx_export import read_imgsz, read_metadata
+    meta = read_metadata(float_onnx)
+    size = int(json.loads(meta.get("edgeq.imgsz", "[640]"))[0])
+    graph = onnx.load(str(float_onnx))
+    used: list[Path] = []
+    kept: list[np.ndarray] = []
 
-            size, sha = read_imgsz(float_onnx), read_metadata(float_onnx).get("edgeq.source_sha256", "")
-        graph = onnx.load(str(float_onnx))
-        used: list[Path] = []
+    def batches():
+        for path, image in iter_images(paths):
+            used.append(path)
+            batch = preprocess_batch([image], size)[0]
+            if len(kept) < keep:
+                kept.append(batch)
+            yield batch
 
-        def batches():
-            for path, image in iter_images(paths):
-                used.append(path)
-                yield preprocess_batch([image], size)[0]
-
-        points = torch_points(graph)  # the PyTorch fake-quant model's points too (head outputs included)
-        heads = head_tensors(graph.graph)  # per-channel ranges too: int8-ort quantizes them per channel
-        tensors = list(dict.fromkeys([*candidate_tensors(graph), *points.values(), *heads]))
-        stats, seen = observe_onnx(float_onnx, tensors, batches(), total=len(paths), progress=progress,
-                                   channel_tensors=heads)
+    heads = head_tensors(graph.graph)  # per-channel ranges too: int8-ort can quantize them per channel
+    tensors = list(dict.fromkeys([*candidate_tensors(graph), *heads]))
+    del graph
+    stats, seen = observe_onnx(float_onnx, tensors, batches(), total=len(paths), progress=progress,
+                               channel_tensors=heads)
     table = CalibrationTable(
         tensors=stats,
         method=method,
         imgsz=size,
         image_count=seen,
         image_list_sha256=image_list_hash(used),
-        model_sha256=sha,
+        model_sha256=meta.get("edgeq.source_sha256", ""),
         edgeq_version=__version__,
-        extra={"data": str(data), "weights": Path(str(weights)).name, "torch_points": points},
+        extra={"data": str(data), "weights": meta.get("edgeq.source", Path(str(float_onnx)).name)},
     )
     bad = table.degenerate()
     if bad:
@@ -217,36 +186,7 @@ def collect(
             f"are the images in {data} blank or all alike?",
             stacklevel=2,
         )
-    return table
-
-
-def _export_float(weights, imgsz, trust, out: Path) -> tuple[Path, int, str]:
-    from edgeq.export.fuse import deploy
-    from edgeq.export.onnx_export import export_onnx
-    from edgeq.models.checkpoint import load_model
-
-    loaded = load_model(weights, trust=trust)
-    size = imgsz or loaded.imgsz or 640
-    model, _ = deploy(loaded.model, example_shape=(1, 3, size, size))
-    export_onnx(model, out, imgsz=size, metadata={"edgeq.source_sha256": loaded.sha256})
-    return out, size, loaded.sha256
-
-
-def conv_module_path(node_name: str) -> str | None:
-    """'/model.1/conv/conv.0/Conv' -> 'model.1.conv.0': the module behind a Conv node.
-
-    The TorchScript exporter names scopes after *called* modules: a called container appears as
-    its own component ('conv') and its children as 'conv.0', which then replaces it.
-    """
-    if not node_name.startswith("/") or not node_name.endswith(("/Conv", "/Gemm")):
-        return None
-    parts: list[str] = []
-    for component in node_name[1 : node_name.rindex("/")].split("/"):
-        if parts and component.startswith(parts[-1] + "."):
-            parts[-1] = component
-        else:
-            parts.append(component)
-    return ".".join(parts)
+    return table, kept
 
 
 def write_trt_cache(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeq.errors import EdgeqError
+from edgeq.graph import set_metadata
 from edgeq.utils.files import atomic_path
 
 if TYPE_CHECKING:
@@ -130,26 +131,3 @@ def simplify_onnx(proto):
     del simplified.metadata_props[:]
     simplified.metadata_props.extend(kept)
     return simplified
-
-
-def set_metadata(proto, props: dict[str, str]) -> None:
-    """Replace or add ``metadata_props`` entries."""
-    existing = {p.key: p for p in proto.metadata_props}
-    for key, value in props.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def read_imgsz(path: str | Path) -> int:
-    """The (square) input size an edgeq ONNX was exported at, from its ``edgeq.imgsz`` metadata."""
-    return int(json.loads(read_metadata(path).get("edgeq.imgsz", "[640]"))[0])

@@ -14,12 +14,10 @@ import tempfile
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.graph import RT_INFO_ROOT, read_metadata
 from edgeq.utils.files import check_writable_dir
 
 log = logging.getLogger("edgeq")
-
-RT_INFO_ROOT = "edgeq"
-
 
 def _import_openvino():
     try:
@@ -31,8 +29,6 @@ def _import_openvino():
 
 def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, half: bool = False) -> Path:
     """Convert an edgeq ONNX artifact to IR; both files appear only once both are written."""
-    from edgeq.export.onnx_export import read_metadata
-
     ov = _import_openvino()
     onnx_path, xml_path = Path(onnx_path), Path(xml_path)
     if xml_path.suffix != ".xml":
@@ -56,15 +52,3 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path, *, half: bool =
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.debug("wrote %s", xml_path)
     return xml_path
-
-
-def read_rt_info(xml_path: str | Path) -> dict[str, str]:
-    """The ``edgeq.*`` metadata of an IR, without compiling it."""
-    ov = _import_openvino()
-    model = ov.Core().read_model(str(xml_path))
-    info = model.get_rt_info()
-    if RT_INFO_ROOT not in info:
-        return {}
-    section = info[RT_INFO_ROOT]
-    section = section.astype(dict) if hasattr(section, "astype") else section
-    return {str(k): (v.astype(str) if hasattr(v, "astype") else str(v)) for k, v in dict(section).items()}

@@ -1,8 +1,11 @@
 """One call from a checkpoint to every backend's artifact: what ``edgeq export`` runs.
 
-Order: load -> deploy graph (fuse + h-swish rewrite, checked against the original) -> ONNX
-(always: it is the source of the other formats) -> OpenVINO IR -> TensorRT engine. Every
-target path is checked before any work, so an existing artifact is kept unless ``force``.
+The stages run in one direction and each reads what the previous one wrote: checkpoint ->
+deploy graph (fuse + h-swish rewrite, checked against the original) -> float ONNX (always: it
+is the source of everything after) -> OpenVINO IR / TensorRT engine -> INT8 (from the float ONNX
+and the calibration images only, :mod:`edgeq.export.int8_pipeline`) -> parity against the
+checkpoint. Every target path is checked before any work, so an existing artifact is kept
+unless ``force``; the wall time of each stage is recorded in ``ExportResult.stage_seconds``.
 """
 
 from __future__ import annotations
@@ -10,13 +13,26 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from edgeq import __version__
+from edgeq import __version__, flavours
 from edgeq.errors import EdgeqError
+from edgeq.export.int8_pipeline import Int8Request, export_int8, int8_paths
+from edgeq.utils.timing import StageTimes
 
 log = logging.getLogger("edgeq")
 
 FORMATS = ("onnx", "openvino", "engine")
+
+
+@dataclass
+class ParityRequest:
+    """Check the float artifacts against the checkpoint on the first ``num_images`` images of
+    ``data`` (default: the bundled calib_data/) within a budget."""
+
+    data: Path | None = None
+    num_images: int = 16
+    max_rel_l2: float = 1e-4
+    min_agreement: float = 0.99
+    threads: int | None = None
 
 
 @dataclass
@@ -28,6 +44,15 @@ class ExportResult:
     table: object | None = None  # the CalibrationTable an INT8 export used
     engine_deferred: bool = False  # engines requested but TensorRT is absent: ONNX + trtexec lines instead
     int8_reports: dict = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)  # artifact -> ParityResult of the float artifacts
+    parity_failed: list[str] = field(default_factory=list)  # artifacts outside the parity budget
+    parity_images: int = 0
+
+    def deployed(self) -> list[Path]:
+        """The INT8 artifacts each backend runs (the IR for OpenVINO, the engine for TensorRT)."""
+        keys = [flavours.get(rep.flavour).deployed_key() for rep in self.int8_reports.values()]
+        return [self.artifacts[k] for k in keys if k in self.artifacts]
 
 
 def parse_formats(formats: str | list[str]) -> list[str]:
@@ -85,8 +110,10 @@ def export_model(
     trust: bool = False,
     workspace_gb: float = 2.0,
     int8: Int8Request | None = None,
+    parity: ParityRequest | None = None,
 ) -> ExportResult:
-    """Export a checkpoint to the requested formats; with ``int8``, also each backend's INT8 flavour.
+    """Export a checkpoint to the requested formats; with ``int8``, also each backend's INT8 flavour;
+    with ``parity``, check the float artifacts against the checkpoint.
 
     See ``edgeq export --help``.
     """
@@ -98,12 +125,14 @@ def export_model(
     if Path(str(weights)).suffix == ".onnx":  # no torch on this path: a Jetson builds its engine here
         return _export_from_onnx(Path(weights), fmts, out_dir, half, batch, dynamic, force, workspace_gb)
 
-    from edgeq.export.fuse import deploy
+    from edgeq.export.deploy import deploy
     from edgeq.export.onnx_export import export_onnx
     from edgeq.models.checkpoint import load_model
 
-    loaded = load_model(weights, trust=trust)
-    size = imgsz or loaded.imgsz or 640
+    times = StageTimes()
+    with times("load"):
+        loaded = load_model(weights, trust=trust)
+    size = loaded.input_size(imgsz)
     out = Path(out_dir) if out_dir else Path("runs/export") / Path(str(weights)).stem
     stem = Path(str(weights)).stem
     paths = artifact_paths(out, stem, fmts, half)
@@ -112,158 +141,93 @@ def export_model(
     check_targets(paths, force)
 
     stride = int(max(loaded.stride)) if loaded.stride else 32
-    if size <= 0 or size % stride:
-        raise EdgeqError(f"--imgsz {size} must be a positive multiple of the model's stride {stride}")
-    deployed, report = deploy(loaded.model, rewrite=rewrite, example_shape=(1, 3, size, size))
+    with times("deploy"):
+        deployed, report = deploy(loaded.model, rewrite=rewrite, example_shape=(1, 3, size, size))
     metadata = {
         "edgeq.names": loaded.names,
         "edgeq.stride": [float(s) for s in loaded.stride],
         "edgeq.version": __version__,
         "edgeq.source": Path(str(weights)).name,
         "edgeq.source_sha256": loaded.sha256,
-        "edgeq.flavour": "float",
+        "edgeq.flavour": flavours.FLOAT,
         "edgeq.rewrite": "hswish-relu6" if rewrite else "none",
         "edgeq.batch": "dynamic" if dynamic else str(batch),
     }
     log.info("exporting %s at %dx%d (stride %d)", weights, size, size, stride)
-    export_onnx(
-        deployed, paths["onnx"], imgsz=size, batch=batch, dynamic=dynamic, opset=opset, raw=raw, metadata=metadata
-    )
-    result = ExportResult(artifacts={"onnx": paths["onnx"]}, deploy_report=report, source=Path(str(weights)), imgsz=(size, size))
+    with times("onnx"):
+        export_onnx(deployed, paths["onnx"], imgsz=size, batch=batch, dynamic=dynamic, opset=opset, raw=raw,
+                    metadata=metadata)
+    del deployed  # from here on only the parity check reads the PyTorch model (the one in memory)
+    result = ExportResult(artifacts={"onnx": paths["onnx"]}, deploy_report=report, source=Path(str(weights)),
+                          imgsz=(size, size))
     if int8 is not None and "engine" in fmts and not _tensorrt_available():
         # INT8 for a Jetson is prepared here and built there: write the ONNX flavours and the
         # cache, print how to build, instead of failing the whole export on this machine.
-        log.warning("TensorRT is not installed here: writing the ONNX (float and int8-trt) and the calibration "
-                    "cache; build the engines on the device (the trtexec lines follow)")
+        log.warning("TensorRT is not installed here: writing the ONNX (float and %s) and the calibration "
+                    "cache; build the engines on the device (the trtexec lines follow)", flavours.for_format("engine").name)
         result.engine_deferred = True
     _convert(paths, fmts if not result.engine_deferred else [f for f in fmts if f != "engine"], half, batch, dynamic,
-             workspace_gb, result)
+             workspace_gb, result, times)
     if int8 is not None:
-        _export_int8(weights, paths, fmts, int8, batch, dynamic, workspace_gb, trust, result)
+        export_int8(paths["onnx"], paths, [flavours.for_format(f) for f in fmts], int8, result, times,
+                    batch=batch, dynamic=dynamic, workspace_gb=workspace_gb, own_model=_own_model(weights))
+    if parity is not None and parity.num_images and not raw:
+        with times("parity"):
+            _check_parity(loaded, result, parity)
+    result.stage_seconds = times.to_dict()
+    log.info("export stages: %s", times.summary())
     return result
 
 
-@dataclass
-class Int8Request:
-    """What ``edgeq export --int8`` was asked: calibrate on ``data`` or reuse ``table``."""
+def calibrate_model(weights: str | Path, *, data: str | Path | None = None, num_images: int = 256,
+                    imgsz: int | None = None, method: str = "percentile", trust: bool = False,
+                    output: str | Path | None = None, progress: bool = True):
+    """``edgeq calibrate``: a reusable calibration table of a checkpoint (its float ONNX is
+    exported to a temporary folder first) or of an edgeq float ONNX. Returns (table, path)."""
+    import tempfile
 
-    data: Path | None = None
-    table: Path | None = None
-    method: str | None = None
-    num_images: int = 256
-    percentile: float | None = None
-    exclude: tuple[str, ...] = ()
-    fallback: int | None = None  # leave the N most sensitive activation tensors float; None: the flavour's default
-    fallback_min_nsr: float | None = None  # ... of those, only the ones at least this harmful; None: FALLBACK_MIN_NSR
-    uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
-    bias_images: int = 32  # calibration images the bias correction is measured on; 0: no correction
-    head_outputs: str | None = None  # the head convolutions' outputs (float, per-channel, per-tensor); None: the flavour's
-    progress: bool = True
+    from edgeq.data.demo import calib_dir
+    from edgeq.export.calib_table import calibrate
+    from edgeq.utils.files import check_writable_dir
+
+    out = Path(output) if output else Path(Path(str(weights)).with_suffix(".calib.json").name)
+    check_writable_dir(out.parent if str(out.parent) else Path("."))
+    images = Path(data) if data else calib_dir()
+    if Path(str(weights)).suffix == ".onnx":
+        table, _ = calibrate(weights, images, num_images=num_images, method=method, progress=progress)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgeq-calib-") as tmp:
+            float_onnx = export_model(weights, formats="onnx", out_dir=tmp, imgsz=imgsz, trust=trust).artifacts["onnx"]
+            table, _ = calibrate(float_onnx, images, num_images=num_images, method=method, progress=progress)
+    return table, table.save(out)
 
 
-INT8_FORMATS = {"onnx": "ort", "openvino": "ov", "engine": "trt"}  # target format -> the flavour it runs
+def _check_parity(loaded, result: ExportResult, request: ParityRequest) -> None:
+    """The float artifacts against the checkpoint already in memory (it is not read again)."""
+    from edgeq.runtime.backends.torch import TorchBackend
+    from edgeq.runtime.parity import check_artifacts, failed_artifacts
+
+    from edgeq.data.demo import calib_dir
+    from edgeq.data.images import load_sample_images
+
+    images = load_sample_images(request.data or calib_dir(), request.num_images)
+    checkable = [str(result.artifacts[f]) for f in ("onnx", "openvino") if f in result.artifacts]
+    with TorchBackend(loaded.path, loaded=loaded) as reference:
+        result.parity = check_artifacts(reference, checkable, images, threads=request.threads)
+    result.parity_images = len(images)
+    result.parity_failed = failed_artifacts(result.parity, request.max_rel_l2, request.min_agreement)
 
 
-def int8_paths(out_dir: Path, stem: str, formats: list[str], request: Int8Request) -> dict[str, Path]:
-    paths: dict[str, Path] = {}
-    for fmt in formats:
-        flavour = INT8_FORMATS[fmt]
-        paths[f"int8-{flavour}"] = out_dir / f"{stem}.int8-{flavour}.onnx"
-        if fmt == "openvino":
-            paths["int8-ov-ir"] = out_dir / f"{stem}.int8-ov.xml"
-        if fmt == "engine":
-            paths["int8-trt-engine"] = out_dir / f"{stem}.int8-trt.engine"
-            paths["trt-cache"] = out_dir / f"{stem}.calib.cache"
-    if request.table is None:
-        paths["table"] = out_dir / f"{stem}.calib.json"
-    return paths
+def _own_model(weights) -> bool:
+    from edgeq.data.demo import DEMO_WEIGHTS
+
+    return not isinstance(weights, (str, Path)) or Path(weights).resolve() != DEMO_WEIGHTS.resolve()
 
 
 def _tensorrt_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorrt") is not None
-
-
-def _default_calib() -> Path:
-    from edgeq.data.demo import calib_dir
-
-    return calib_dir()
-
-
-def _export_int8(weights, paths, fmts, request: Int8Request, batch, dynamic, workspace_gb, trust, result) -> None:
-    from edgeq.data.images import load_sample_images
-    from edgeq.export.calib_table import CalibrationTable, collect, write_trt_cache
-    from edgeq.export.int8 import Int8Options, quantize_file
-    from edgeq.export.qdq import policy_for
-
-    if request.table is not None:
-        table = CalibrationTable.load(request.table)
-    else:
-        if request.data is None:
-            raise EdgeqError("--int8 needs calibration images (--data DIR) or a table (--table FILE)")
-        table = collect(weights, request.data, num_images=request.num_images, method=request.method or "percentile",
-                        progress=request.progress, trust=trust, float_onnx=paths["onnx"])
-        if request.percentile is not None:
-            table.extra["percentile"] = request.percentile
-        result.artifacts["table"] = table.save(paths["table"])
-    result.table = table
-    from edgeq.data.demo import DEMO_WEIGHTS
-
-    own_model = not isinstance(weights, (str, Path)) or Path(weights).resolve() != DEMO_WEIGHTS.resolve()
-    if request.data is None and own_model and (request.bias_images or request.fallback != 0):
-        log.warning("no --data: the sensitivity analysis and bias correction run on the bundled calib_data/ images, "
-                    "which only suit the demo model; pass --data with images of your own model's domain")
-    image_dir = request.data or _default_calib()
-    sensitivity_images: list | None = None  # loaded once, for every flavour that falls back
-    correction_images = load_sample_images(image_dir, request.bias_images) if request.bias_images else []
-    for fmt in fmts:
-        flavour = INT8_FORMATS[fmt]
-        key = f"int8-{flavour}"
-        opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude,
-                           uint8_weights=request.uint8_weights and flavour == "ort", head_outputs=request.head_outputs)
-        fallback = policy_for(flavour).default_fallback if request.fallback is None else request.fallback
-        if fallback:
-            from edgeq.export.int8 import FALLBACK_MIN_NSR, fallback_tensors, tensor_sensitivity
-
-            if sensitivity_images is None:
-                sensitivity_images = load_sample_images(image_dir, 4)
-            ranked = tensor_sensitivity(paths["onnx"], table, flavour, sensitivity_images, opts, progress=request.progress)
-            min_nsr = FALLBACK_MIN_NSR if request.fallback_min_nsr is None else request.fallback_min_nsr
-            opts.float_tensors = fallback_tensors(ranked, fallback, min_nsr)
-            nsr = {r["tensor"]: r["nsr"] for r in ranked}
-            log.info("%s: %d most sensitive tensors left float (at most %d, NSR >= %.0e): %s", key,
-                     len(opts.float_tensors), fallback, min_nsr,
-                     ", ".join(f"{t} (NSR {nsr[t]:.1e})" for t in opts.float_tensors) or "none")
-        path, report = quantize_file(paths["onnx"], table, flavour, paths[key], opts,
-                                     correction_images=correction_images, progress=request.progress)
-        if report.bias_corrected:
-            log.info("%s: biases of %d convolutions corrected for the mean shift of rounding (%d images)", key,
-                     report.bias_corrected, len(correction_images))
-        result.artifacts[key] = path
-        result.int8_reports[key] = report
-        if fmt == "openvino":
-            from edgeq.export.openvino_export import export_openvino
-
-            result.artifacts["int8-ov-ir"] = export_openvino(path, paths["int8-ov-ir"])
-        if fmt == "engine":
-            from edgeq.export.trt_build import BuildOptions, build_engine
-
-            result.artifacts["trt-cache"] = paths["trt-cache"]
-            write_trt_cache(table, paths["onnx"], paths["trt-cache"], method=request.method)
-            max_batch = max(batch, 8) if dynamic else batch
-            opts_trt = BuildOptions(int8=True, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch, max_batch=max_batch)
-            if result.engine_deferred:
-                from edgeq.export.trt_build import trtexec_command
-
-                size = result.imgsz or (640, 640)
-                implicit = BuildOptions(min_batch=1, opt_batch=batch, max_batch=max_batch,
-                                        calibration_cache=paths["trt-cache"])
-                log.warning("explicit INT8 (recommended): %s", trtexec_command(path, paths["int8-trt-engine"], opts_trt, imgsz=size))
-                log.warning("implicit INT8 (TensorRT < 10.1 style): %s",
-                            trtexec_command(paths["onnx"], paths["int8-trt-engine"], implicit, imgsz=size))
-            else:
-                result.artifacts["int8-trt-engine"] = build_engine(path, paths["int8-trt-engine"], opts_trt)
 
 
 def _export_from_onnx(onnx_path: Path, fmts, out_dir, half, batch, dynamic, force, workspace_gb) -> ExportResult:
@@ -275,22 +239,28 @@ def _export_from_onnx(onnx_path: Path, fmts, out_dir, half, batch, dynamic, forc
     paths["onnx"] = onnx_path
     check_targets({k: v for k, v in paths.items() if k != "onnx"}, force)
     result = ExportResult(artifacts={"onnx": onnx_path}, source=onnx_path)
-    _convert(paths, fmts, half, batch, dynamic, workspace_gb, result)
+    times = StageTimes()
+    _convert(paths, fmts, half, batch, dynamic, workspace_gb, result, times)
+    result.stage_seconds = times.to_dict()
     return result
 
 
-def _convert(paths, fmts, half, batch, dynamic, workspace_gb, result: ExportResult) -> None:
+def _convert(paths, fmts, half, batch, dynamic, workspace_gb, result: ExportResult, times: StageTimes) -> None:
     if "openvino" in fmts:
         from edgeq.export.openvino_export import export_openvino
 
-        result.artifacts["openvino"] = export_openvino(paths["onnx"], paths["openvino"], half=half)
+        with times("openvino IR"):
+            result.artifacts["openvino"] = export_openvino(paths["onnx"], paths["openvino"], half=half)
     if "engine" in fmts:
-        from edgeq.export.trt_build import BuildOptions, build_engine
-
-        from edgeq.export.onnx_export import read_metadata
+        from edgeq.export.trt_build import build_engine
+        from edgeq.export.trt_plan import BuildOptions
+        from edgeq.graph import FLAVOUR_META, read_metadata
 
         max_batch = max(batch, 8) if dynamic else batch
-        explicit_int8 = read_metadata(paths["onnx"]).get("edgeq.flavour") == "int8-trt"  # Q/DQ: INT8 kernels allowed
-        opts = BuildOptions(fp16=half, int8=explicit_int8, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch,
-                            max_batch=max_batch)
-        result.artifacts["engine"] = build_engine(paths["onnx"], paths["engine"], opts)
+        # an existing ONNX given on a Jetson may be the TensorRT flavour: Q/DQ, INT8 kernels allowed
+        flavour = read_metadata(paths["onnx"]).get(FLAVOUR_META, flavours.FLOAT) if result.source == paths["onnx"] \
+            else flavours.FLOAT
+        opts = BuildOptions(fp16=half, int8=flavours.made_for(flavour) == "tensorrt", workspace_gb=workspace_gb,
+                            min_batch=1, opt_batch=batch, max_batch=max_batch)
+        with times("tensorrt engine"):
+            result.artifacts["engine"] = build_engine(paths["onnx"], paths["engine"], opts)

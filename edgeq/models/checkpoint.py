@@ -26,6 +26,7 @@ from edgeq.models.yolov5_import import build_model, check_stride, import_yolov5,
 
 FORMAT = "edgeq-checkpoint"
 FORMAT_VERSION = 1
+DEFAULT_IMGSZ = 640  # what YOLOv5 checkpoints are trained at when they do not say
 
 
 @dataclass
@@ -40,6 +41,15 @@ class LoadedCheckpoint:
     sha256: str
     path: Path
     extra: dict = field(default_factory=dict)
+
+    def input_size(self, requested: int | None = None) -> int:
+        """The square input size to run at: ``requested``, else the checkpoint's, else 640; a
+        size that is not a positive multiple of the model's stride is refused here, once."""
+        size = requested or self.imgsz or DEFAULT_IMGSZ
+        stride = int(max(self.stride)) if self.stride else 32
+        if size <= 0 or size % stride:
+            raise EdgeqError(f"--imgsz {size} must be a positive multiple of the model's stride {stride}")
+        return size
 
 
 # --------------------------------------------------------------------------- saving

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.runtime.backends.base import Backend
 from edgeq.runtime.evaluate import coco_map
 
 if TYPE_CHECKING:
@@ -274,23 +275,35 @@ def format_parity_table(results: dict[str, ParityResult]) -> str:
 
 
 def check_artifacts(
-    reference: str | Path,
+    reference: str | Path | Backend,
     artifacts: Sequence[str | Path],
     images: Sequence[np.ndarray],
     *,
     threads: int | None = None,
 ) -> dict[str, ParityResult]:
-    """Parity of each artifact against ``reference`` (usually the .pt) on the same images.
+    """Parity of each artifact against ``reference`` (a path, usually the .pt, or a loaded
+    backend such as the export's own PyTorch model) on the same images.
 
     The reference runs at each artifact's input size; OpenVINO artifacts run with an explicit
     f32 hint, so the comparison is against float, never OpenVINO's default bf16.
     """
     from edgeq.runtime.detector import Detector
 
+    shared = isinstance(reference, Backend)  # the caller's: used for every artifact, closed by the caller
     results: dict[str, ParityResult] = {}
     for artifact in artifacts:
         options = {"precision": "f32"} if str(artifact).endswith(".xml") else {}
         with Detector(artifact, threads=threads, **options) as candidate:
-            with Detector(reference, imgsz=candidate.imgsz) as ref:
+            ref = Detector(reference, imgsz=candidate.imgsz)
+            try:
                 results[str(artifact)] = parity_check(ref, candidate, images)
+            finally:
+                if not shared:
+                    ref.close()
     return results
+
+
+def failed_artifacts(results: dict[str, ParityResult], max_rel_l2: float | None, min_agreement: float | None
+                     ) -> list[str]:
+    """The artifacts of :func:`check_artifacts` outside the budget: the parity verdict."""
+    return [name for name, r in results.items() if not r.passed(max_rel_l2, min_agreement)]

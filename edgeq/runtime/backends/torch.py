@@ -21,9 +21,10 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, path: str | Path, *, threads: int | None = None, trust: bool = False):
+    def __init__(self, path: str | Path, *, threads: int | None = None, trust: bool = False, loaded: Any = None):
         super().__init__(path, threads=threads)
         self.trust = trust  # forwarded to load_checkpoint: full pickle only when asked for
+        self._preloaded = loaded  # a LoadedCheckpoint already in memory (export's own): not read again
         self._torch: Any = None
         self._model: Any = None
         self._max_stride = 32
@@ -34,7 +35,8 @@ class TorchBackend(Backend):
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)  # process-wide: torch has no per-model thread pool
-        loaded = load_checkpoint(self.path, trust=self.trust)
+        loaded = self._preloaded if self._preloaded is not None else load_checkpoint(self.path, trust=self.trust)
+        self._preloaded = None
         self._model = loaded.model.float().eval()
         self._max_stride = int(max(loaded.stride)) if loaded.stride else 32
         no = len(loaded.names) + 5

@@ -1,0 +1,190 @@
+"""The INT8 half of ``edgeq export``: the float ONNX and calibration images -> every flavour.
+
+It reads the float ONNX the export wrote and the images, nothing upstream: one calibration
+pass decodes each image once and observes every tensor any flavour quantizes; the first few
+preprocessed images are kept for the sensitivity analysis and the bias correction, whose one
+float pass serves every flavour. Then, per flavour (edgeq/flavours.py): Q/DQ rewrite, the
+flavour's steps (IR conversion, TensorRT cache and engine), and an artifact written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeq.errors import EdgeqError
+from edgeq.flavours import CALIBRATION_CACHE, OPENVINO_IR, TENSORRT_ENGINE, Flavour
+from edgeq.utils.timing import StageTimes
+
+log = logging.getLogger("edgeq")
+
+SENSITIVITY_IMAGES = 4  # calibration images the sensitivity analysis scores the worst tensors on
+
+
+@dataclass
+class Int8Request:
+    """What ``edgeq export --int8`` was asked: calibrate on ``data`` (default: the bundled
+    calib_data/) or reuse ``table``."""
+
+    data: Path | None = None
+    table: Path | None = None
+    method: str | None = None
+    num_images: int = 256
+    percentile: float | None = None
+    exclude: tuple[str, ...] = ()
+    fallback: int | None = None  # leave the N most sensitive activation tensors float; None: the flavour's default
+    fallback_min_nsr: float | None = None  # ... of those, only the ones at least this harmful; None: FALLBACK_MIN_NSR
+    uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
+    bias_images: int = 32  # calibration images the bias correction is measured on; 0: no correction
+    head_outputs: str | None = None  # the head convolutions' outputs (float, per-channel, per-tensor); None: the flavour's
+    progress: bool = True
+
+    def fallback_for(self, flavour: Flavour) -> int:
+        return flavour.policy.default_fallback if self.fallback is None else self.fallback
+
+
+def int8_paths(out_dir: Path, stem: str, formats: list[str], request: Int8Request) -> dict[str, Path]:
+    """Artifact key -> path of everything the INT8 export of ``formats`` writes."""
+    from edgeq import flavours
+
+    paths = {key: out_dir / name for fmt in formats for key, name in flavours.for_format(fmt).artifact_names(stem).items()}
+    if request.table is None:
+        paths["table"] = out_dir / f"{stem}.calib.json"
+    return paths
+
+
+def _images(request: Int8Request, own_model: bool, needed: bool) -> Path:
+    from edgeq.data.demo import calib_dir
+
+    if request.data is None and own_model and needed:
+        log.warning("no --data: calibration, the sensitivity analysis and bias correction run on the bundled "
+                    "calib_data/ images, which only suit the demo model; pass --data with images of your own model's "
+                    "domain")
+    return Path(request.data) if request.data is not None else calib_dir()
+
+
+def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Flavour], request: Int8Request, result,
+                times: StageTimes, *, batch: int, dynamic: bool, workspace_gb: float, own_model: bool) -> None:
+    """Write every flavour of ``flavour_list`` from ``float_onnx``; fills ``result`` (an ExportResult)."""
+    import onnx
+
+    from edgeq.export.calib_table import CalibrationTable, calibrate
+    from edgeq.export.int8 import Int8Options
+
+    fallbacks = {f.name: request.fallback_for(f) for f in flavour_list}
+    keep = max(request.bias_images, SENSITIVITY_IMAGES if any(fallbacks.values()) else 0)
+    image_dir = _images(request, own_model, request.table is None or keep > 0)
+    with times("calibration"):
+        if request.table is not None:
+            table = CalibrationTable.load(request.table)
+            batches = _first_batches(image_dir, keep, float_onnx) if keep else []
+        else:
+            table, batches = calibrate(float_onnx, image_dir, num_images=request.num_images,
+                                       method=request.method or "percentile", progress=request.progress, keep=keep)
+            if request.percentile is not None:
+                table.extra["percentile"] = request.percentile
+            result.artifacts["table"] = table.save(paths["table"])
+    result.table = table
+    model = onnx.load(str(float_onnx))
+    options = {}
+    for flavour in flavour_list:
+        opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude,
+                           uint8_weights=request.uint8_weights and flavour.uint8_weights,
+                           head_outputs=request.head_outputs)
+        if fallbacks[flavour.name]:
+            with times("sensitivity"):
+                opts.float_tensors = _fallback(model, table, flavour, opts, batches[:SENSITIVITY_IMAGES],
+                                               fallbacks[flavour.name], request)
+        options[flavour.name] = opts
+    _quantize_all(model, float_onnx, table, flavour_list, options, batches[:request.bias_images], paths, result,
+                  times, request.progress)
+    for flavour in flavour_list:
+        _post_steps(flavour, float_onnx, table, paths, result, times, request, batch=batch, dynamic=dynamic,
+                    workspace_gb=workspace_gb)
+
+
+def _first_batches(image_dir: Path, count: int, float_onnx: Path) -> list:
+    from edgeq.data.images import load_sample_images
+    from edgeq.graph import read_imgsz
+    from edgeq.runtime.preprocess import preprocess_batch
+
+    size = read_imgsz(float_onnx)
+    return [preprocess_batch([im], size)[0] for im in load_sample_images(image_dir, count)]
+
+
+def _fallback(model, table, flavour: Flavour, opts, batches, count: int, request: Int8Request) -> tuple[str, ...]:
+    from edgeq.export.sensitivity import FALLBACK_MIN_NSR, fallback_tensors, rank_tensors
+
+    if not batches:
+        raise EdgeqError("the sensitivity analysis needs calibration images, and none were read")
+    ranked = rank_tensors(model, table, flavour, batches, opts, keep=max(16, 2 * count), progress=request.progress)
+    min_nsr = FALLBACK_MIN_NSR if request.fallback_min_nsr is None else request.fallback_min_nsr
+    chosen = fallback_tensors(ranked, count, min_nsr)
+    nsr = {r["tensor"]: r["nsr"] for r in ranked}
+    log.info("%s: %d most sensitive tensors left float (at most %d, NSR >= %.0e): %s", flavour.name, len(chosen),
+             count, min_nsr, ", ".join(f"{t} (NSR {nsr[t]:.1e})" for t in chosen) or "none")
+    return chosen
+
+
+def _quantize_all(model, float_onnx: Path, table, flavour_list, options, bias_batches, paths, result, times,
+                  progress: bool) -> None:
+    """Q/DQ every flavour; with ``bias_batches``, correct the biases from one float pass and
+    quantize again; write each artifact with its record."""
+    from edgeq.export.int8 import int8_record, quantize_model, write_int8
+
+    with times("q/dq"):
+        quantized = {f.name: quantize_model(model, table, f, options[f.name]) for f in flavour_list}
+    if bias_batches:
+        from edgeq.export.bias_correction import apply_bias_shifts, bias_shifts
+
+        with times("bias correction"):
+            shifts = bias_shifts(model, {name: q for name, (q, _) in quantized.items()}, bias_batches, progress=progress)
+        with times("q/dq"):
+            for f in flavour_list:
+                q, report = quantize_model(apply_bias_shifts(model, shifts[f.name]), table, f, options[f.name])
+                report.bias_corrected = len(shifts[f.name])
+                quantized[f.name] = (q, report)
+                log.info("%s: biases of %d convolutions corrected for the mean shift of rounding (%d images)", f.name,
+                         report.bias_corrected, len(bias_batches))
+    with times("q/dq"):
+        for f in flavour_list:
+            q, report = quantized.pop(f.name)
+            record = int8_record(table, f, options[f.name], report, float_onnx, len(bias_batches))
+            result.artifacts[f.name] = write_int8(q, f, record, paths[f.name])
+            result.int8_reports[f.name] = report
+
+
+def _post_steps(flavour: Flavour, float_onnx: Path, table, paths, result, times, request: Int8Request, *, batch: int,
+                dynamic: bool, workspace_gb: float) -> None:
+    """The flavour's steps after its Q/DQ ONNX exists: IR conversion, TensorRT cache and engine."""
+    qdq_onnx = result.artifacts[flavour.name]
+    if OPENVINO_IR in flavour.steps:
+        from edgeq.export.openvino_export import export_openvino
+
+        key = f"{flavour.name}-ir"
+        with times("openvino IR"):
+            result.artifacts[key] = export_openvino(qdq_onnx, paths[key])
+    if CALIBRATION_CACHE in flavour.steps:
+        from edgeq.export.calib_table import write_trt_cache
+
+        with times("tensorrt cache"):
+            write_trt_cache(table, float_onnx, paths["trt-cache"], method=request.method)
+        result.artifacts["trt-cache"] = paths["trt-cache"]
+    if TENSORRT_ENGINE in flavour.steps:
+        from edgeq.export.trt_plan import BuildOptions, trtexec_command
+
+        key = f"{flavour.name}-engine"
+        max_batch = max(batch, 8) if dynamic else batch
+        opts = BuildOptions(int8=True, workspace_gb=workspace_gb, min_batch=1, opt_batch=batch, max_batch=max_batch)
+        if result.engine_deferred:
+            size = result.imgsz or (640, 640)
+            implicit = BuildOptions(min_batch=1, opt_batch=batch, max_batch=max_batch, calibration_cache=paths["trt-cache"])
+            log.warning("explicit INT8 (recommended): %s", trtexec_command(qdq_onnx, paths[key], opts, imgsz=size))
+            log.warning("implicit INT8 (TensorRT < 10.1 style): %s",
+                        trtexec_command(float_onnx, paths[key], implicit, imgsz=size))
+        else:
+            from edgeq.export.trt_build import build_engine
+
+            with times("tensorrt engine"):
+                result.artifacts[key] = build_engine(qdq_onnx, paths[key], opts)

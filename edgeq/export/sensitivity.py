@@ -1,0 +1,166 @@
+"""Which activation tensors hurt the head's outputs most when quantized alone, worst first.
+
+Per-tensor scales fail where one tensor mixes channels of very different ranges; ranking every
+tensor a flavour quantizes by the noise it causes at the head finds those, whatever the
+calibrator, and the fallback leaves the worst ones float. Every tensor counts, not only
+convolution inputs: on the trained demo model the stem convolution's output is the worst
+tensor of int8-ort (docs/BENCHMARKS.md).
+
+How it stays fast: one ONNX Runtime session holds the whole graph with a switchable Q/DQ pair on
+every candidate tensor (``Where(switch[i], DQ(Q(t)), t)``), so measuring tensor ``i`` is one run
+with switch ``i`` on, not a graph rewrite and a new session per tensor. Every tensor is first
+screened on one image; the ``keep`` worst are then scored on all images. The score is the
+noise-to-signal ratio at the head convolutions' outputs (summed over the three scales), with the
+logits clipped to +-LOGIT_LIMIT where the sigmoid stops moving.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from edgeq.flavours import Flavour
+from edgeq.graph import DEQUANTIZED, LOGIT_LIMIT, QUANTIZED, consumers, head_tensors
+from edgeq.utils.progress import progress_bar
+
+SWITCH_INPUT = "edgeq_sensitivity_switch"
+
+
+def switchable_model(model, ranges: dict, flavour: Flavour, tensors: Sequence[str], *,
+                     exclude: frozenset[str] = frozenset()):
+    """A copy of float ``model`` where input ``SWITCH_INPUT`` (bool, one per tensor) turns the
+    Q/DQ pair of each of ``tensors`` on or off. Constant operands are quantized as the flavour
+    quantizes them; weights stay float, so each switch measures one activation tensor alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.export.qdq import quantize_onnx
+    from edgeq.export.qdq_plan import activation_params
+
+    base, _ = quantize_onnx(model, ranges, flavour, exclude=exclude, only_tensors=set(), weights=False)
+    graph = base.graph
+    dtypes = {"int8": np.int8, "uint8": np.uint8}
+    users = consumers(graph)
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    added: dict[int, list] = {}
+    inits = []
+    for i, tensor in enumerate(tensors):
+        scale, zp, dtype = activation_params(*ranges[tensor], flavour.policy.activations)
+        base_name = f"{tensor}_switch"
+        inits += [numpy_helper.from_array(np.array(scale, np.float32), f"{base_name}_scale"),
+                  numpy_helper.from_array(np.array(zp, dtypes[dtype]), f"{base_name}_zero_point"),
+                  numpy_helper.from_array(np.array(i, np.int64), f"{base_name}_index")]
+        switched = f"{base_name}ed"
+        for node in users.get(tensor, []):
+            if node.name in exclude:
+                continue
+            for j, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[j] = switched
+        q_params = [f"{base_name}_scale", f"{base_name}_zero_point"]
+        added.setdefault(producer.get(tensor, -1) + 1, []).extend([
+            helper.make_node("QuantizeLinear", [tensor, *q_params], [f"{base_name}{QUANTIZED}"]),
+            helper.make_node("DequantizeLinear", [f"{base_name}{QUANTIZED}", *q_params], [f"{base_name}{DEQUANTIZED}"]),
+            helper.make_node("Gather", [SWITCH_INPUT, f"{base_name}_index"], [f"{base_name}_on"], axis=0),
+            helper.make_node("Where", [f"{base_name}_on", f"{base_name}{DEQUANTIZED}", tensor], [switched]),
+        ])
+    ordered = []
+    for i, node in enumerate(graph.node):
+        ordered.extend(added.get(i, []))
+        ordered.append(node)
+    del graph.node[:]
+    graph.node.extend(ordered)
+    graph.initializer.extend(inits)
+    graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, TensorProto.BOOL, [len(tensors)]))
+    return base
+
+
+def tensor_sensitivity(
+    float_model,
+    ranges: dict,
+    flavour: Flavour,
+    tensors: Sequence[str],
+    batches: Sequence[np.ndarray],
+    *,
+    exclude: frozenset[str] = frozenset(),
+    keep: int | None = 16,
+    screen_images: int = 1,
+    progress: bool = True,
+) -> list[dict]:
+    """Rank ``tensors`` by the noise each one, quantized alone, causes at the head.
+
+    ``batches``: preprocessed (1, 3, H, W) float32 inputs. The ``keep`` worst of a screening on
+    the first ``screen_images`` come first, scored on every batch (``images`` says how many);
+    the rest follow in screening order with their screening score. ``keep=None`` scores every
+    tensor on every batch.
+    Returns ``[{"tensor", "nsr", "images"}]``.
+    """
+    from edgeq.graph import session_with_outputs
+
+    if not tensors:
+        return []
+    heads = head_tensors(float_model.graph)
+    reference = session_with_outputs(type(float_model).FromString(float_model.SerializeToString()), heads)
+    input_name = float_model.graph.input[0].name
+    feeds = [np.ascontiguousarray(b, dtype=np.float32) for b in batches]
+    refs = [[np.clip(r, -LOGIT_LIMIT, LOGIT_LIMIT).astype(np.float64) for r in reference.run(heads, {input_name: b})]
+            for b in feeds]
+    session = session_with_outputs(switchable_model(float_model, ranges, flavour, tensors, exclude=exclude), heads)
+    index = {t: i for i, t in enumerate(tensors)}
+    off = np.zeros(len(tensors), dtype=bool)
+    screen = max(1, min(screen_images, len(feeds)))
+    exact = list(tensors) if keep is None or screen >= len(feeds) else []
+    total = (len(tensors) * screen if not exact else 0) + len(exact or tensors[:keep]) * len(feeds)
+
+    def score(tensor: str, images: range, bar) -> float:
+        switch = off.copy()
+        switch[index[tensor]] = True
+        signal = noise = 0.0
+        for k in images:
+            got = session.run(heads, {input_name: feeds[k], SWITCH_INPUT: switch})
+            for r, g in zip(refs[k], got):
+                signal += float(np.square(r).sum())
+                noise += float(np.square(r - np.clip(g, -LOGIT_LIMIT, LOGIT_LIMIT)).sum())
+            bar.update(1)
+        return noise / max(signal, 1e-30)
+
+    with progress_bar(total=total, desc=f"sensitivity {flavour.name}", unit="run", enabled=progress) as bar:
+        if exact:
+            rows = [{"tensor": t, "nsr": score(t, range(len(feeds)), bar), "images": len(feeds)} for t in exact]
+            return sorted(rows, key=lambda r: -r["nsr"])
+        screened = sorted(((score(t, range(screen), bar), t) for t in tensors), key=lambda p: -p[0])
+        best = [{"tensor": t, "nsr": score(t, range(len(feeds)), bar), "images": len(feeds)} for _, t in screened[:keep]]
+        rest = [{"tensor": t, "nsr": nsr, "images": screen} for nsr, t in screened[keep:]]
+    return sorted(best, key=lambda r: -r["nsr"]) + rest
+
+
+def rank_tensors(float_model, table, flavour: Flavour | str, batches: Sequence[np.ndarray], opts=None, *,
+                 keep: int | None = 16, progress: bool = True) -> list[dict]:
+    """:func:`tensor_sensitivity` of every activation the flavour (with ``opts``, an
+    :class:`~edgeq.export.int8.Int8Options`) quantizes, ranges from ``table``.
+    ``float_model``: a ModelProto or the path of the float ONNX."""
+    import onnx
+
+    from edgeq.export.int8 import Int8Options, flavour_of, flavour_ranges
+    from edgeq.export.qdq_plan import plan
+
+    opts = opts or Int8Options()
+    model = float_model if hasattr(float_model, "graph") else onnx.load(str(float_model))
+    resolved = flavour_of(flavour, opts)
+    exclude = frozenset(opts.exclude)
+    tensors = plan(model, resolved, exclude).activations
+    return tensor_sensitivity(model, flavour_ranges(table, resolved, opts), resolved, tensors, batches, exclude=exclude,
+                              keep=keep, progress=progress)
+
+
+# A tensor whose quantization alone leaves the head outputs above 50 dB SNR is not worth a
+# float layer: on the demo model the 80 tensors below the 8 worst add up to NSR 2e-4 and cost at
+# most about 0.1 mAP50-95 point together, while each float tensor costs OpenVINO real time. On a
+# random-weight model every tensor is far below (1e-9 and less), so nothing is left float there.
+FALLBACK_MIN_NSR = 1e-5
+
+
+def fallback_tensors(ranked: list[dict], count: int, min_nsr: float = FALLBACK_MIN_NSR) -> tuple[str, ...]:
+    """The tensors to leave float: the ``count`` worst of ``ranked`` (:func:`tensor_sensitivity`)
+    whose noise-to-signal ratio is at least ``min_nsr``."""
+    return tuple(r["tensor"] for r in ranked[:count] if r["nsr"] >= min_nsr)

@@ -1,6 +1,6 @@
 """Latency of the hard-swish/hard-sigmoid spellings on ONNX Runtime CPU and OpenVINO CPU.
 
-Why: ``edgeq.export.fuse`` spells h-swish as ReLU6 arithmetic for deployment, and the order of
+Why: ``edgeq.export.hard_act`` spells h-swish as ReLU6 arithmetic for deployment, and the order of
 the final multiplies changes what a runtime can fuse. This measures, on the seed
 yolov5s-mobilenetv3-small (random weights, randomized BN statistics, BN folded), each form:
 

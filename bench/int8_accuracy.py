@@ -16,8 +16,10 @@ from pathlib import Path
 from edgeq.data.demo import DEMO_WEIGHTS, calib_dir, demo_data_yaml
 from edgeq.data.images import load_sample_images
 from edgeq.data.yolo import YoloDataset
-from edgeq.export.calib_table import CalibrationTable, collect
-from edgeq.export.int8 import Int8Options, quantize_file, tensor_sensitivity
+from edgeq.export.calib_table import CalibrationTable, calibrate
+from edgeq.export.int8 import Int8Options, quantize_file
+from edgeq.export.sensitivity import rank_tensors
+from edgeq.runtime.preprocess import preprocess_batch
 from edgeq.export.openvino_export import export_openvino
 from edgeq.export.pipeline import export_model
 from edgeq.verify import evaluate_artifact
@@ -30,7 +32,7 @@ def float_onnx_and_table(weights: str, imgsz: int, out: Path) -> tuple[Path, Cal
     table_path = out / "table.json"
     if table_path.exists():
         return float_onnx, CalibrationTable.load(table_path)
-    table = collect(weights, calib_dir(), num_images=256, float_onnx=float_onnx, progress=False)
+    table, _ = calibrate(float_onnx, calib_dir(), num_images=256, progress=False)
     table.save(table_path)
     return float_onnx, table
 
@@ -55,7 +57,7 @@ def main() -> None:
     dataset = YoloDataset(demo_data_yaml(), split="val")
     if args.val_images:
         dataset.image_paths, dataset._labels = dataset.image_paths[: args.val_images], dataset._labels[: args.val_images]
-    images = load_sample_images(calib_dir(), 4)
+    images = [preprocess_batch([im], args.imgsz)[0] for im in load_sample_images(calib_dir(), 4)]
 
     rows = []
     ref = evaluate_artifact(str(float_onnx), dataset, progress=False)
@@ -67,7 +69,7 @@ def main() -> None:
             for fallback in (0, args.fallback) if args.fallback else (0,):
                 opts = Int8Options(method=method)
                 if fallback:
-                    ranked = tensor_sensitivity(float_onnx, table, flavour, images, opts, progress=False)
+                    ranked = rank_tensors(float_onnx, table, flavour, images, opts, keep=max(16, fallback), progress=False)
                     opts.float_tensors = tuple(r["tensor"] for r in ranked[:fallback])
                 path, _ = quantize_file(float_onnx, table, flavour, out / f"m.{method}.fb{fallback}.int8-{flavour}.onnx", opts)
                 artifact = str(path) if flavour != "ov" else str(export_openvino(path, path.with_suffix(".xml")))

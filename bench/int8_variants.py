@@ -26,7 +26,9 @@ from pathlib import Path
 from edgeq.data.demo import DEMO_WEIGHTS, calib_dir, demo_data_yaml
 from edgeq.data.images import load_sample_images
 from edgeq.data.yolo import YoloDataset
-from edgeq.export.int8 import Int8Options, fallback_tensors, quantize_file, tensor_sensitivity
+from edgeq.export.int8 import Int8Options, quantize_file
+from edgeq.export.sensitivity import fallback_tensors, rank_tensors
+from edgeq.runtime.preprocess import preprocess_batch
 from edgeq.export.openvino_export import export_openvino
 from edgeq.verify import evaluate_artifact
 
@@ -69,12 +71,13 @@ def main() -> None:
         opts = Int8Options(method=v["m"], percentile=v["pct"], uint8_weights=v["u8"], head_outputs=v["head"])
         key = (v["m"], v["pct"], v["head"])
         if v["fb"] and key not in ranked:
-            ranked[key] = tensor_sensitivity(float_onnx, table, args.flavour, load_sample_images(calib_dir(), 4), opts,
-                                             progress=False)
+            batches = [preprocess_batch([im], args.imgsz)[0] for im in load_sample_images(calib_dir(), 4)]
+            ranked[key] = rank_tensors(float_onnx, table, args.flavour, batches, opts, progress=False)
         opts.float_tensors = fallback_tensors(ranked[key], v["fb"]) if v["fb"] else ()
-        correction = load_sample_images(calib_dir(), v["bc"]) if v["bc"] else ()
+        correction = [preprocess_batch([im], args.imgsz)[0] for im in load_sample_images(calib_dir(), v["bc"])] \
+            if v["bc"] else ()
         path, report = quantize_file(float_onnx, table, args.flavour, out / f"v{i}.int8-{args.flavour}.onnx", opts,
-                                     correction_images=correction)
+                                     correction_batches=correction)
         artifact = str(path) if args.flavour == "ort" else str(export_openvino(path, path.with_suffix(".xml")))
         res = evaluate_artifact(artifact, dataset, progress=False)
         row = {"variant": spec, "float_tensors": len(opts.float_tensors), "head_outputs": report.head_outputs,

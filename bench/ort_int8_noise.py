@@ -45,7 +45,7 @@ def head_nsr(float_onnx: Path, quant_onnx: Path, batches, optimize: bool) -> flo
     import onnx
     import onnxruntime as ort
 
-    from edgeq.export.qdq import LOGIT_LIMIT, head_tensors
+    from edgeq.graph import LOGIT_LIMIT, head_tensors
 
     heads = head_tensors(onnx.load(str(float_onnx)).graph)
 
@@ -73,8 +73,9 @@ def main() -> None:
     from edgeq.data.demo import DEMO_WEIGHTS, calib_dir, demo_data_yaml
     from edgeq.data.images import load_sample_images
     from edgeq.data.yolo import YoloDataset
-    from edgeq.export.calib_table import collect
-    from edgeq.export.int8 import Int8Options, fallback_tensors, quantize_file, tensor_sensitivity
+    from edgeq.export.calib_table import calibrate
+    from edgeq.export.int8 import Int8Options, quantize_file
+    from edgeq.export.sensitivity import fallback_tensors, rank_tensors
     from edgeq.export.pipeline import export_model
     from edgeq.runtime.preprocess import preprocess_batch
     from edgeq.verify import evaluate_artifact
@@ -88,7 +89,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     float_onnx = export_model(args.weights, formats="onnx", out_dir=out, imgsz=args.imgsz, force=True).artifacts["onnx"]
-    table = collect(args.weights, calib_dir(), num_images=256, float_onnx=float_onnx)
+    table, _ = calibrate(float_onnx, calib_dir(), num_images=256)
     images = load_sample_images(calib_dir(), 4)
     batches = [preprocess_batch([im], args.imgsz)[0] for im in images]
     dataset = YoloDataset(demo_data_yaml(), split="val")
@@ -96,7 +97,7 @@ def main() -> None:
     print(f"float mAP50-95 {ref:.4f} ({len(dataset)} images)", flush=True)
 
     def fallback(method: str | None) -> Int8Options:
-        ranked = tensor_sensitivity(float_onnx, table, "ort", images, Int8Options(method=method), progress=False)
+        ranked = rank_tensors(float_onnx, table, "ort", batches, Int8Options(method=method), progress=False)
         return Int8Options(method=method, float_tensors=fallback_tensors(ranked, 8))
 
     variants = {

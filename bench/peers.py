@@ -63,7 +63,7 @@ def quantize_static(float_onnx: Path, out: Path, batches, *, best: bool, method:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    from edgeq.export.qdq import decode_nodes
+    from edgeq.graph import decode_nodes
 
     if not best:
         ort_quantize_static(str(float_onnx), str(out), calibration_reader(batches), quant_format=QuantFormat.QDQ)
@@ -81,7 +81,7 @@ def nncf_quantize(float_onnx: Path, out: Path, batches, *, ultralytics: bool) ->
     import onnx
     import openvino as ov
 
-    from edgeq.export.qdq import decode_nodes
+    from edgeq.graph import decode_nodes
 
     model = ov.Core().read_model(str(float_onnx))
     kwargs = {}
@@ -132,8 +132,7 @@ def label(artifact: Path, float_onnx: Path, flavour: str) -> Path:
     """Give a peer's model the float model's names/stride/size metadata so edgeq can evaluate it."""
     import onnx
 
-    from edgeq.export.onnx_export import read_metadata, set_metadata
-    from edgeq.export.openvino_export import RT_INFO_ROOT
+    from edgeq.graph import RT_INFO_ROOT, read_metadata, set_metadata
 
     meta = {**read_metadata(float_onnx), "edgeq.flavour": flavour}
     if artifact.suffix == ".onnx":
@@ -161,25 +160,24 @@ def to_ir(onnx_path: Path) -> Path:
 
 def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches, quick: bool,
             modelopt: str | None, only: list[str]) -> list[Method]:
+    from edgeq import flavours
     from edgeq.data.demo import calib_dir
-    from edgeq.export.calib_table import collect
-    from edgeq.data.images import load_sample_images
-    from edgeq.export.int8 import Int8Options, fallback_tensors, quantize_file, tensor_sensitivity
-    from edgeq.export.qdq import policy_for
+    from edgeq.export.calib_table import calibrate
+    from edgeq.export.int8 import Int8Options, quantize_file
+    from edgeq.export.sensitivity import fallback_tensors, rank_tensors
 
     state: dict = {}
 
     def edgeq_default(folder: Path) -> dict[str, Path]:
-        table = collect(weights, calib_dir(), num_images=len(batches), imgsz=imgsz, float_onnx=float_onnx,
-                        progress=False)
-        state["table"], state["sens"] = table, load_sample_images(calib_dir(), 4)
+        table, _ = calibrate(float_onnx, calib_dir(), num_images=len(batches), progress=False)
+        state["table"], state["sens"] = table, batches[:4]
         sens = state["sens"]
-        fallback = {flavour: policy_for(flavour).default_fallback for flavour in ("ort", "ov")}
+        fallback = {flavour: flavours.get(flavour).policy.default_fallback for flavour in ("ort", "ov")}
         paths = {}
         for flavour in ("ort", "ov"):
             opts = Int8Options()
             if fallback[flavour]:
-                ranked = tensor_sensitivity(float_onnx, table, flavour, sens, progress=False)
+                ranked = rank_tensors(float_onnx, table, flavour, sens, progress=False)
                 opts.float_tensors = fallback_tensors(ranked, fallback[flavour])
             paths[flavour], _ = quantize_file(float_onnx, table, flavour, folder / f"edgeq.int8-{flavour}.onnx", opts)
         ort, ov_onnx = paths["ort"], paths["ov"]
@@ -192,7 +190,7 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
         out = {}
         for flavour, method, backend in (("ort", "mse", "onnxruntime"), ("ov", "minmax", "openvino")):
             opts = Int8Options(method=method)
-            ranked = tensor_sensitivity(float_onnx, table, flavour, sens, opts, progress=False)
+            ranked = rank_tensors(float_onnx, table, flavour, sens, opts, progress=False)
             opts.float_tensors = tuple(r["tensor"] for r in ranked[:16])
             path, _ = quantize_file(float_onnx, table, flavour, folder / f"edgeq-best.int8-{flavour}.onnx", opts)
             out[backend] = path if backend == "onnxruntime" else to_ir(path)

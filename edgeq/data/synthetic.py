@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import yaml
-from tqdm import tqdm
 
 from edgeq.data.synthetic_render import CLASS_NAMES, GENERATOR_VERSION, render_sample
 from edgeq.utils.files import atomic_write_text
@@ -58,7 +57,9 @@ def _write_images(img_dir: Path, lbl_dir: Path | None, imgsz: int, seed: int, in
 def _write_all(
     img_dir: Path, lbl_dir: Path | None, n: int, imgsz: int, seed: int, desc: str, workers: int
 ) -> None:
-    bar = tqdm(total=n, desc=desc, unit="img", disable=None, leave=False)
+    from edgeq.utils.progress import progress_bar
+
+    bar = progress_bar(total=n, desc=desc, unit="img")
     with bar:
         if workers <= 1 or n < 2 * _CHUNK:
             for i in range(n):

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.export.calibrators import METHODS, TensorStats
+from edgeq.export.calibrators import METHODS
+from edgeq.export.tensor_stats import TensorStats
 
 log = logging.getLogger("edgeq")
 

@@ -85,7 +85,7 @@ def per_channel_int8(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndar
     """int8 weights and their float32 scales, with :func:`per_channel_symmetric`'s scale rule."""
     from edgeq.export.scales import per_channel_symmetric
 
-    scale = np.array(per_channel_symmetric(np.array(weight, dtype=np.float32), axis)[0])  # a copy: writable
+    scale = per_channel_symmetric(np.array(weight, dtype=np.float32), axis)[0]
     shape = [1] * weight.ndim
     shape[axis] = -1
     q = np.clip(np.round(weight / scale.reshape(shape)), -127, 127).astype(np.int8)

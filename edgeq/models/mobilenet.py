@@ -10,7 +10,7 @@ Two families live here:
   :class:`conv_bn_hswish`, :class:`MobileNetV3`), whose attribute layout is kept exactly so that
   checkpoints trained with the seed's code load into them.
 
-Float blocks are never edited for deployment: ``edgeq.export.fuse`` rewrites them as passes.
+Float blocks are never edited for deployment: ``edgeq.export.bn_fold`` and ``edgeq.export.hard_act`` rewrite them as passes.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Conventions, fixed here once:
   read from ``eval["precision"]`` at area range "all" and that last entry;
 * a class without GT instances gets NaN and is left out of the mean, as COCOeval does.
 
-Needs numpy, OpenCV and faster-coco-eval (or pycocotools); tqdm is optional.
+Needs numpy, OpenCV and faster-coco-eval (or pycocotools); tqdm only on a terminal.
 """
 
 from __future__ import annotations
@@ -222,13 +222,9 @@ def _labels_to_xyxy_pixels(labels: np.ndarray, shape: tuple[int, int]) -> np.nda
 
 
 def _progress(iterable, total: int, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:  # progress is a nicety; evaluation must not depend on it
-        return iterable
-    return tqdm(iterable, total=total, desc="evaluating", unit="batch")
+    from edgeq.utils.progress import progress
+
+    return progress(iterable, total=total, desc="evaluating", unit="batch", enabled=enabled)
 
 
 def evaluate(

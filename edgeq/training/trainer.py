@@ -207,16 +207,19 @@ class Trainer:
         return metrics
 
     def _train_epoch(self, epoch: int) -> list[float]:
-        from tqdm import tqdm
+        from edgeq.utils.progress import progress_bar
 
         self.model.train()
         totals = torch.zeros(3)
-        bar = tqdm(
-            self.loader, total=self.nb, disable=not self.progress, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=True
-        )
+        bar = progress_bar(total=self.nb, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
+                           enabled=self.progress)
         self.optimizer.zero_grad()
+        with bar:
+            return self._train_batches(epoch, bar, totals)
+
+    def _train_batches(self, epoch: int, bar, totals) -> list[float]:
         n = 0
-        for i, (imgs, targets) in enumerate(bar):
+        for i, (imgs, targets) in enumerate(self.loader):
             ni = i + self.nb * epoch
             self._set_lr(ni, epoch, i)
             maps = self.model(imgs)
@@ -234,6 +237,7 @@ class Trainer:
             self.iterations += 1
             mean = totals / n
             bar.set_postfix(box=f"{mean[0]:.4f}", obj=f"{mean[1]:.4f}", cls=f"{mean[2]:.4f}", lr=f"{self.optimizer.param_groups[1]['lr']:.2e}")
+            bar.update(1)
             if self.cfg.max_iters and self.iterations >= self.cfg.max_iters:
                 break
         return [round(float(v), 5) for v in totals / max(n, 1)]

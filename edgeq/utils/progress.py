@@ -34,6 +34,9 @@ class _LogProgress:
     def set_postfix_str(self, text: str) -> None:
         self.postfix = text
 
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
     def _line(self, now: float, done: bool = False) -> None:
         elapsed = now - self.start
         of = f"/{self.total}" if self.total is not None else ""
@@ -62,6 +65,9 @@ class _Silent:
     def set_postfix_str(self, text: str) -> None:
         pass
 
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -73,7 +79,8 @@ class _Silent:
 
 
 def progress_bar(*, total: int | None = None, desc: str = "", unit: str = "it", enabled: bool = True):
-    """A context-managed bar with ``update(n)``, ``set_postfix_str(text)`` and ``close()``."""
+    """A context-managed bar with ``update(n)``, ``set_postfix(**values)``, ``set_postfix_str(text)``
+    and ``close()``: tqdm's interface, whichever form it takes."""
     if not enabled:
         return _Silent()
     if sys.stderr.isatty():

@@ -163,10 +163,12 @@ def int8_record(path: str | Path) -> dict:
 # --------------------------------------------------------------------------- taps
 
 
-def session_with_outputs(model, names: list[str], *, basic: bool = False, threads: int | None = None):
+def session_with_outputs(model, names: list[str], *, basic: bool = False, threads: int | None = None,
+                         spin: bool = True):
     """An ONNX Runtime session on ``model`` (a ModelProto, changed in place) that can also return
     the intermediate tensors ``names``. ``basic``: only basic graph optimizations, so fusions do
-    not change what the observed tensors hold."""
+    not change what the observed tensors hold. ``spin=False``: ONNX Runtime's threads sleep
+    between runs instead of busy-waiting, leaving the cores to work done between the runs."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -180,6 +182,8 @@ def session_with_outputs(model, names: list[str], *, basic: bool = False, thread
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         opts.intra_op_num_threads = threads
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -423,5 +423,8 @@ def test_screened_sensitivity_scores_the_worst_on_every_image(exported, images):
     screened = rank_tensors(result.artifacts["onnx"], result.table, "ov", _batches(images, 3), keep=5, progress=False)
     assert len(screened) == len(full) and {r["tensor"] for r in screened} == {r["tensor"] for r in full}
     assert [r["images"] for r in screened[:5]] == [3] * 5 and all(r["images"] == 1 for r in screened[5:])
+    assert not any(r["bound"] for r in screened[:5]) and all(r["bound"] for r in screened[5:])
     exact = {r["tensor"]: r["nsr"] for r in full}
     assert all(r["nsr"] == pytest.approx(exact[r["tensor"]], rel=1e-6) for r in screened[:5])
+    # the group search finds the worst tensors the exhaustive ranking finds
+    assert {r["tensor"] for r in screened[:3]} == {r["tensor"] for r in full[:3]}

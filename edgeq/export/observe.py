@@ -18,6 +18,7 @@ threads: numpy's short GIL-free sections made two counting threads slower than o
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Collection, Iterable, Sequence
@@ -47,7 +48,8 @@ def observe_onnx(
     (``False``: one thread, strictly in turn; same results, for debugging).
     """
     import onnx
-    from tqdm import tqdm
+
+    from edgeq.utils.progress import progress as progress_of
 
     model = onnx.load(str(onnx_path))
     graph = model.graph
@@ -57,12 +59,16 @@ def observe_onnx(
     if unknown:
         raise EdgeqError(f"{onnx_path} has no tensor named {unknown[0]}")
     fetch = [t for t in tensors if t != input_name]
-    session = session_with_outputs(model, fetch, basic=True, threads=threads)
+    # ONNX Runtime leaves one core to the statistics worker and sleeps between runs: on 2 cores
+    # that cut the demo's calibration from 20 s to 12 s (the statistics of a batch take longer
+    # than its forward pass, and ORT's busy-waiting threads would hold the worker's core)
+    threads = threads or max(1, (os.cpu_count() or 2) - 1) if overlap else threads
+    session = session_with_outputs(model, fetch, basic=True, threads=threads, spin=not overlap)
     stats = {name: TensorStats(channels=name in channel_tensors) for name in tensors}
     seen = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeq-stats") as pool:
         pending: Future | None = None
-        for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
+        for batch in progress_of(batches, total=total, desc="calibrating", unit="image", enabled=progress):
             batch = np.ascontiguousarray(batch, dtype=np.float32)
             values = session.run(fetch, {input_name: batch})
             observed = list(zip(fetch, values))

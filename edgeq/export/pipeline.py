@@ -175,7 +175,7 @@ def export_model(
         with times("parity"):
             _check_parity(loaded, result, parity)
     result.stage_seconds = times.to_dict()
-    log.info("export stages: %s", times.summary())
+    log.debug("export stages: %s", times.summary())
     return result
 
 

@@ -7,11 +7,12 @@ convolution inputs: on the trained demo model the stem convolution's output is t
 tensor of int8-ort (docs/BENCHMARKS.md).
 
 How it stays fast: one ONNX Runtime session holds the whole graph with a switchable Q/DQ pair on
-every candidate tensor (``Where(switch[i], DQ(Q(t)), t)``), so measuring tensor ``i`` is one run
-with switch ``i`` on, not a graph rewrite and a new session per tensor. Every tensor is first
-screened on one image; the ``keep`` worst are then scored on all images. The score is the
-noise-to-signal ratio at the head convolutions' outputs (summed over the three scales), with the
-logits clipped to +-LOGIT_LIMIT where the sigmoid stops moving.
+every candidate tensor (``Where(switch[i], DQ(Q(t)), t)``), so measuring a set of tensors is one
+run with their switches on, not a graph rewrite and a new session per tensor. A screening on one
+image finds the worst tensors by splitting groups of them (best first), without a run per
+tensor; only those are then scored on every image. The score is the noise-to-signal ratio at
+the head convolutions' outputs (summed over the three scales), with the logits clipped to
++-LOGIT_LIMIT where the sigmoid stops moving.
 """
 
 from __future__ import annotations
@@ -84,17 +85,24 @@ def tensor_sensitivity(
     *,
     exclude: frozenset[str] = frozenset(),
     keep: int | None = 16,
+    group: int = 8,
     screen_images: int = 1,
     progress: bool = True,
 ) -> list[dict]:
     """Rank ``tensors`` by the noise each one, quantized alone, causes at the head.
 
-    ``batches``: preprocessed (1, 3, H, W) float32 inputs. The ``keep`` worst of a screening on
-    the first ``screen_images`` come first, scored on every batch (``images`` says how many);
-    the rest follow in screening order with their screening score. ``keep=None`` scores every
-    tensor on every batch.
-    Returns ``[{"tensor", "nsr", "images"}]``.
+    ``batches``: preprocessed (1, 3, H, W) float32 inputs. With ``keep``, a screening on the
+    first ``screen_images`` finds the ``keep`` worst tensors without measuring each: groups of
+    ``group`` neighbouring tensors are switched on together (their noise adds up, so a group
+    scores at least as high as any of its members), and the worst group is split in halves
+    until single tensors come out, best first. Those ``keep`` come first, scored on every batch
+    (``images`` says how many); the other tensors follow with their group's score as an upper
+    bound (``bound``: True). ``keep=None`` scores every tensor on every batch.
+    Returns ``[{"tensor", "nsr", "images", "bound"}]``.
     """
+    import heapq
+    import itertools
+
     from edgeq.graph import session_with_outputs
 
     if not tensors:
@@ -107,14 +115,11 @@ def tensor_sensitivity(
             for b in feeds]
     session = session_with_outputs(switchable_model(float_model, ranges, flavour, tensors, exclude=exclude), heads)
     index = {t: i for i, t in enumerate(tensors)}
-    off = np.zeros(len(tensors), dtype=bool)
     screen = max(1, min(screen_images, len(feeds)))
-    exact = list(tensors) if keep is None or screen >= len(feeds) else []
-    total = (len(tensors) * screen if not exact else 0) + len(exact or tensors[:keep]) * len(feeds)
 
-    def score(tensor: str, images: range, bar) -> float:
-        switch = off.copy()
-        switch[index[tensor]] = True
+    def score(members: Sequence[str], images: range, bar) -> float:
+        switch = np.zeros(len(tensors), dtype=bool)
+        switch[[index[t] for t in members]] = True
         signal = noise = 0.0
         for k in images:
             got = session.run(heads, {input_name: feeds[k], SWITCH_INPUT: switch})
@@ -124,13 +129,27 @@ def tensor_sensitivity(
             bar.update(1)
         return noise / max(signal, 1e-30)
 
-    with progress_bar(total=total, desc=f"sensitivity {flavour.name}", unit="run", enabled=progress) as bar:
-        if exact:
-            rows = [{"tensor": t, "nsr": score(t, range(len(feeds)), bar), "images": len(feeds)} for t in exact]
+    every = range(len(feeds))
+    with progress_bar(desc=f"sensitivity {flavour.name}", unit="run", enabled=progress) as bar:
+        if keep is None or keep >= len(tensors) or screen >= len(feeds):
+            rows = [{"tensor": t, "nsr": score([t], every, bar), "images": len(feeds), "bound": False} for t in tensors]
             return sorted(rows, key=lambda r: -r["nsr"])
-        screened = sorted(((score(t, range(screen), bar), t) for t in tensors), key=lambda p: -p[0])
-        best = [{"tensor": t, "nsr": score(t, range(len(feeds)), bar), "images": len(feeds)} for _, t in screened[:keep]]
-        rest = [{"tensor": t, "nsr": nsr, "images": screen} for nsr, t in screened[keep:]]
+        order = itertools.count()
+        heap = [(-score(g, range(screen), bar), next(order), g)
+                for g in (list(tensors[i:i + group]) for i in range(0, len(tensors), group))]
+        heapq.heapify(heap)
+        found: list[str] = []
+        while heap and len(found) < keep:
+            _, _, members = heapq.heappop(heap)
+            if len(members) == 1:
+                found.append(members[0])
+                continue
+            half = len(members) // 2
+            for part in (members[:half], members[half:]):
+                heapq.heappush(heap, (-score(part, range(screen), bar), next(order), part))
+        best = [{"tensor": t, "nsr": score([t], every, bar), "images": len(feeds), "bound": False} for t in found]
+    rest = [{"tensor": t, "nsr": -bound, "images": screen, "bound": True}
+            for bound, _, members in sorted(heap) for t in members]
     return sorted(best, key=lambda r: -r["nsr"]) + rest
 
 

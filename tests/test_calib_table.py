@@ -66,7 +66,7 @@ def test_calibration_keeps_the_first_images_it_decoded(float_onnx, images):
 
 def test_table_for_another_model_is_refused_naming_the_tensor(table, tmp_path):
     other = onnx.load(str(_float_onnx(DetectionModel("yolov5n", nc=3).eval(), tmp_path)))
-    with pytest.raises(EdgeqError, match=r"does not match this model: no range for tensor /model\.0/conv/Conv_output_0"):
+    with pytest.raises(EdgeqError, match=r"does not match this model: no range for tensor /model\.0/\S+ \(and \d+ more\)"):
         quantize_model(other, table, "int8-ort")
 
 

@@ -1,4 +1,7 @@
-"""The README's main job (scripts/quickstart.sh) runs from a clean output folder and cache."""
+"""The README's main job (scripts/quickstart.sh) runs from a clean output folder and cache.
+
+Marked slow: ``.ci/run`` runs it once after the test command (``pytest -m slow tests/test_guides.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # .ci/run runs it once, after the test command: the README's main job
 def test_quickstart_script(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path / "out"), EDGEQ_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(

@@ -87,6 +87,7 @@ def tensor_sensitivity(
     keep: int | None = 16,
     group: int = 8,
     screen_images: int = 1,
+    min_nsr: float = 0.0,
     progress: bool = True,
 ) -> list[dict]:
     """Rank ``tensors`` by the noise each one, quantized alone, causes at the head.
@@ -97,7 +98,8 @@ def tensor_sensitivity(
     scores at least as high as any of its members), and the worst group is split in halves
     until single tensors come out, best first. Those ``keep`` come first, scored on every batch
     (``images`` says how many); the other tensors follow with their group's score as an upper
-    bound (``bound``: True). ``keep=None`` scores every tensor on every batch.
+    bound (``bound``: True). The search stops early once no group left reaches half of
+    ``min_nsr`` (the floor the fallback applies). ``keep=None`` scores every tensor on every batch.
     Returns ``[{"tensor", "nsr", "images", "bound"}]``.
     """
     import heapq
@@ -117,7 +119,8 @@ def tensor_sensitivity(
     index = {t: i for i, t in enumerate(tensors)}
     screen = max(1, min(screen_images, len(feeds)))
 
-    def score(members: Sequence[str], images: range, bar) -> float:
+    def measure(members: Sequence[str], images: range, bar) -> tuple[float, float]:
+        """(signal, noise) summed over ``images`` with ``members`` quantized."""
         switch = np.zeros(len(tensors), dtype=bool)
         switch[[index[t] for t in members]] = True
         signal = noise = 0.0
@@ -127,34 +130,53 @@ def tensor_sensitivity(
                 signal += float(np.square(r).sum())
                 noise += float(np.square(r - np.clip(g, -LOGIT_LIMIT, LOGIT_LIMIT)).sum())
             bar.update(1)
+        return signal, noise
+
+    def nsr(signal: float, noise: float) -> float:
         return noise / max(signal, 1e-30)
 
     every = range(len(feeds))
     with progress_bar(desc=f"sensitivity {flavour.name}", unit="run", enabled=progress) as bar:
         if keep is None or keep >= len(tensors) or screen >= len(feeds):
-            rows = [{"tensor": t, "nsr": score([t], every, bar), "images": len(feeds), "bound": False} for t in tensors]
+            rows = [{"tensor": t, "nsr": nsr(*measure([t], every, bar)), "images": len(feeds), "bound": False}
+                    for t in tensors]
             return sorted(rows, key=lambda r: -r["nsr"])
         order = itertools.count()
-        heap = [(-score(g, range(screen), bar), next(order), g)
-                for g in (list(tensors[i:i + group]) for i in range(0, len(tensors), group))]
-        heapq.heapify(heap)
+        screened: dict[str, tuple[float, float]] = {}  # a single tensor's screening sums, reused below
+
+        def push(members: list[str]) -> None:
+            sums = measure(members, range(screen), bar)
+            if len(members) == 1:
+                screened[members[0]] = sums
+            heapq.heappush(heap, (-nsr(*sums), next(order), members))
+
+        heap: list = []
+        for i in range(0, len(tensors), group):
+            push(list(tensors[i:i + group]))
         found: list[str] = []
-        while heap and len(found) < keep:
+        # stop once the worst group left is well below the floor the caller applies: a group
+        # scores at least as high as each of its members
+        while heap and len(found) < keep and -heap[0][0] >= min_nsr / 2:
             _, _, members = heapq.heappop(heap)
             if len(members) == 1:
                 found.append(members[0])
                 continue
             half = len(members) // 2
-            for part in (members[:half], members[half:]):
-                heapq.heappush(heap, (-score(part, range(screen), bar), next(order), part))
-        best = [{"tensor": t, "nsr": score([t], every, bar), "images": len(feeds), "bound": False} for t in found]
+            push(members[:half])
+            push(members[half:])
+        best = []
+        for t in found:
+            signal, noise = measure([t], range(screen, len(feeds)), bar)
+            first = screened[t]
+            best.append({"tensor": t, "nsr": nsr(signal + first[0], noise + first[1]), "images": len(feeds),
+                         "bound": False})
     rest = [{"tensor": t, "nsr": -bound, "images": screen, "bound": True}
             for bound, _, members in sorted(heap) for t in members]
     return sorted(best, key=lambda r: -r["nsr"]) + rest
 
 
 def rank_tensors(float_model, table, flavour: Flavour | str, batches: Sequence[np.ndarray], opts=None, *,
-                 keep: int | None = 16, progress: bool = True) -> list[dict]:
+                 keep: int | None = 16, min_nsr: float = 0.0, progress: bool = True) -> list[dict]:
     """:func:`tensor_sensitivity` of every activation the flavour (with ``opts``, an
     :class:`~edgeq.export.int8.Int8Options`) quantizes, ranges from ``table``.
     ``float_model``: a ModelProto or the path of the float ONNX."""
@@ -169,7 +191,7 @@ def rank_tensors(float_model, table, flavour: Flavour | str, batches: Sequence[n
     exclude = frozenset(opts.exclude)
     tensors = plan(model, resolved, exclude).activations
     return tensor_sensitivity(model, flavour_ranges(table, resolved, opts), resolved, tensors, batches, exclude=exclude,
-                              keep=keep, progress=progress)
+                              keep=keep, min_nsr=min_nsr, progress=progress)
 
 
 # A tensor whose quantization alone leaves the head outputs above 50 dB SNR is not worth a

@@ -220,14 +220,24 @@ def parity_check(
     *,
     score_thres: float = 0.25,
     conf_thres: float = 0.001,
+    cache: dict | None = None,
 ) -> ParityResult:
     """Run two Detectors on the same images; compare raw outputs and detections.
 
     Both see the identical preprocessed batch (the reference's ``imgsz``). Detections use
-    NMS at ``conf_thres`` so the candidate's low-scored boxes count towards recall.
+    NMS at ``conf_thres`` so the candidate's low-scored boxes count towards recall. ``cache``
+    (a dict kept by the caller) holds the reference's outputs per input size, so comparing
+    several candidates with one reference runs the reference once.
     """
-    batch, infos = reference.preprocess(images)
-    ref_raw, cand_raw = reference.predict_raw(batch), candidate.predict_raw(batch)
+    key = tuple(reference.imgsz)
+    if cache is not None and key in cache:
+        batch, infos, ref_raw = cache[key]
+    else:
+        batch, infos = reference.preprocess(images)
+        ref_raw = reference.predict_raw(batch)
+        if cache is not None:
+            cache[key] = (batch, infos, ref_raw)
+    cand_raw = candidate.predict_raw(batch)
     outputs = compare_outputs([ref_raw], [cand_raw], [reference.backend.outputs[0].name])
     saved = reference.conf_thres, candidate.conf_thres
     try:
@@ -291,12 +301,13 @@ def check_artifacts(
 
     shared = isinstance(reference, Backend)  # the caller's: used for every artifact, closed by the caller
     results: dict[str, ParityResult] = {}
+    cache: dict = {}  # the reference runs once per input size
     for artifact in artifacts:
         options = {"precision": "f32"} if str(artifact).endswith(".xml") else {}
         with Detector(artifact, threads=threads, **options) as candidate:
             ref = Detector(reference, imgsz=candidate.imgsz)
             try:
-                results[str(artifact)] = parity_check(ref, candidate, images)
+                results[str(artifact)] = parity_check(ref, candidate, images, cache=cache)
             finally:
                 if not shared:
                     ref.close()

@@ -28,8 +28,16 @@ def _subcommands(parser=None, prefix=()):
                 yield from _subcommands(sub, prefix + (name,))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["info", "--help"]])
-def test_help_imports_no_backend(argv):
+def _help_argvs():
+    return [["--help"]] + [[*cmd, "--help"] for cmd in _subcommands()]
+
+
+@pytest.mark.parametrize("argv", _help_argvs(), ids=lambda a: " ".join(a[:-1]) or "edgeq")
+def test_help_is_fast_and_imports_no_backend(argv):
+    """Each --help answers in under 2 s (interpreter start included) with none of torch, onnx,
+    ONNX Runtime, OpenVINO, TensorRT, pycuda or OpenCV imported."""
+    import time
+
     code = (
         "import sys\n"
         "from edgeq.cli import main\n"
@@ -39,8 +47,11 @@ def test_help_imports_no_backend(argv):
         "    pass\n"
         f"print([m for m in {HEAVY!r} if m in sys.modules])\n"
     )
+    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    elapsed = time.perf_counter() - start
     assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "usage: edgeq" in out.stdout and elapsed < 2.0, elapsed
 
 
 def test_every_subcommand_has_help_with_usage():

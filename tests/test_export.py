@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from edgeq.errors import EdgeqError
-from edgeq.export.onnx_export import export_onnx, read_metadata
-from edgeq.export.openvino_export import read_rt_info
+from edgeq.export.onnx_export import export_onnx
+from edgeq.graph import read_metadata, read_rt_info
 from edgeq.export.pipeline import export_model
 from edgeq.models.checkpoint import save_checkpoint
 from edgeq.models.yolo import DetectionModel

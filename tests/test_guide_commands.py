@@ -129,7 +129,7 @@ def parse_error(argv: list[str]) -> str | None:
             args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return None if exc.code == 0 else err.getvalue().strip() or f"exit {exc.code}"
-    return None if getattr(args, "func", None) else "no command given"
+    return None if getattr(args, "handler", None) else "no command given"
 
 
 def guide_env(tmp_path: Path) -> dict[str, str]:

@@ -57,10 +57,11 @@ def tensor_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     else:
         rel_l2 = norm_d / norm_a
         snr_db = 10.0 * math.log10(norm_a**2 / norm_d**2)
+    abs_diff = np.abs(diff, out=diff)
     return {
         "cosine": cosine,
-        "max_abs": float(np.max(np.abs(diff))),
-        "mean_abs": float(np.mean(np.abs(diff))),
+        "max_abs": float(np.max(abs_diff)),
+        "mean_abs": float(np.mean(abs_diff)),
         "rel_l2": rel_l2,
         "snr_db": snr_db,
     }
@@ -221,13 +222,16 @@ def parity_check(
     score_thres: float = 0.25,
     conf_thres: float = 0.001,
     cache: dict | None = None,
+    histograms: bool = True,
 ) -> ParityResult:
     """Run two Detectors on the same images; compare raw outputs and detections.
 
     Both see the identical preprocessed batch (the reference's ``imgsz``). Detections use
     NMS at ``conf_thres`` so the candidate's low-scored boxes count towards recall. ``cache``
     (a dict kept by the caller) holds the reference's outputs per input size, so comparing
-    several candidates with one reference runs the reference once.
+    several candidates with one reference runs the reference once. ``histograms=False`` skips
+    the error histograms (the report page draws them; on a 640 x 640, 80-class output they cost
+    3 s per candidate).
     """
     key = tuple(reference.imgsz)
     if cache is not None and key in cache:
@@ -248,7 +252,8 @@ def parity_check(
     shapes = [info.orig_shape for info in infos]
     agreement = detection_agreement(ref_dets, cand_dets, shapes, reference.names, score_thres=score_thres)
     return ParityResult(outputs=outputs, agreement=agreement, reference=str(reference.backend.path),
-                        candidate=str(candidate.backend.path), error_histograms=error_histograms(ref_raw, cand_raw))
+                        candidate=str(candidate.backend.path),
+                        error_histograms=error_histograms(ref_raw, cand_raw) if histograms else [])
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -290,9 +295,11 @@ def check_artifacts(
     images: Sequence[np.ndarray],
     *,
     threads: int | None = None,
+    histograms: bool = True,
 ) -> dict[str, ParityResult]:
     """Parity of each artifact against ``reference`` (a path, usually the .pt, or a loaded
-    backend such as the export's own PyTorch model) on the same images.
+    backend such as the export's own PyTorch model) on the same images; ``histograms``: see
+    :func:`parity_check`.
 
     The reference runs at each artifact's input size; OpenVINO artifacts run with an explicit
     f32 hint, so the comparison is against float, never OpenVINO's default bf16.
@@ -307,7 +314,7 @@ def check_artifacts(
         with Detector(artifact, threads=threads, **options) as candidate:
             ref = Detector(reference, imgsz=candidate.imgsz)
             try:
-                results[str(artifact)] = parity_check(ref, candidate, images, cache=cache)
+                results[str(artifact)] = parity_check(ref, candidate, images, cache=cache, histograms=histograms)
             finally:
                 if not shared:
                     ref.close()

@@ -210,10 +210,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from edgeq.data.demo import calib_dir, demo_data_yaml
     from edgeq.data.images import load_sample_images
-    from edgeq.verify import format_verify_table, verify
+    from edgeq.verify import format_verify_table, reference_backend, verify
 
     artifacts = list(args.artifacts)
-    if args.reference or (args.weights and Path(args.weights).suffix in (".onnx", ".xml", ".engine")):
+    if args.reference or (args.weights and reference_backend(args.weights) != "torch"):
         if args.weights:
             artifacts.insert(0, args.weights)  # every positional is an artifact
         args.weights = args.reference  # None: the demo checkpoint

@@ -142,6 +142,17 @@ def _to_ir(onnx_path: Path, xml_path: Path, props: dict[str, str]) -> None:
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny shapes: one intra-op thread is several times faster than two fighting a busy CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def runtime_artifacts(tmp_path_factory: pytest.TempPathFactory) -> RuntimeArtifacts:
     torch = pytest.importorskip("torch")

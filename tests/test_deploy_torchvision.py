@@ -66,12 +66,7 @@ class Conv2dNormActivation(nn.Sequential):
         super().__init__(*layers, *([act()] if act else []))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize_frozen(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -32,13 +32,7 @@ HARD_MODULES = (nn.Hardswish, nn.Hardsigmoid, h_swish, h_sigmoid)
 HARD_ONNX_OPS = {"HardSwish", "HardSigmoid", "BatchNormalization"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes: one intra-op thread is several times faster than two fighting a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -32,28 +32,18 @@ HERE = Path(__file__).resolve().parent
 PEER = r"""
 import json, sys, time
 t_start = time.perf_counter()
-tool, float_onnx, out, imgsz, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-from edgeq.data.demo import calib_dir
-from edgeq.data.images import load_sample_images
-from edgeq.runtime.preprocess import preprocess_batch
-batches = [preprocess_batch([im], imgsz)[0] for im in load_sample_images(calib_dir(), count)]
+tool, float_onnx, out, imgsz, count, bench = sys.argv[1:7]
+sys.path.insert(0, bench)
+from int8_latency import calibration_batches, nncf_quantize, ort_quantize_static
+batches = calibration_batches(int(imgsz), int(count))
+quantize = nncf_quantize if tool == "nncf" else ort_quantize_static
+# the peer's package is imported before the clock starts, as its users have it loaded
 if tool == "nncf":
-    import nncf, openvino as ov
-    t0 = time.perf_counter()
-    model = ov.Core().read_model(float_onnx)
-    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
-    ov.save_model(quantized, out)
+    import nncf, openvino
 else:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(batches)
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"images": x}
-    t0 = time.perf_counter()
-    quantize_static(float_onnx, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True)
+    import onnxruntime.quantization
+t0 = time.perf_counter()
+quantize(float_onnx, out, batches)
 print("RESULT " + json.dumps({"call_s": time.perf_counter() - t0, "in_process_s": time.perf_counter() - t_start}))
 """
 
@@ -86,7 +76,8 @@ def measure(weights: Path, imgsz: int, folder: Path, images: int) -> dict:
     float_onnx = folder / "edgeq" / f"{weights.stem}.onnx"
     row = {"edgeq export --int8 (command wall)": wall, "edgeq stages": stages}
     for tool, out in (("nncf", folder / "nncf.xml"), ("quantize_static", folder / "qs.onnx")):
-        proc_wall, stdout = _run([sys.executable, "-c", PEER, tool, str(float_onnx), str(out), str(imgsz), str(images)])
+        proc_wall, stdout = _run([sys.executable, "-c", PEER, tool, str(float_onnx), str(out), str(imgsz), str(images),
+                                  str(HERE)])
         result = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))[7:])
         row[f"{tool} (call)"] = result["call_s"]
         row[f"{tool} (process wall)"] = proc_wall

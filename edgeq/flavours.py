@@ -15,7 +15,7 @@ Imports neither torch nor onnx: the runtime on a device reads it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from edgeq.errors import EdgeqError
 
@@ -77,7 +77,6 @@ class Flavour:
     policy: Policy
     steps: tuple[str, ...] = ()
     uint8_weights: bool = False  # accepts --uint8-weights (weights stored as uint8, zero point 128)
-    note: str = field(default="", compare=False)
 
     def onnx_name(self, stem: str) -> str:
         """The Q/DQ ONNX every flavour writes first."""

@@ -92,6 +92,21 @@ def head_tensors(graph, decode: set[str] | None = None) -> list[str]:
     return [n.output[0] for n in graph.node if n.op_type == "Conv" and n.output[0] in feeds]
 
 
+def insert_nodes(graph, before: dict[int, list]) -> None:
+    """Put ``before[i]`` ahead of node ``i`` (``i == len(graph.node)``: at the end), in place.
+
+    How a rewrite adds nodes right after the producer of the tensor they read (index + 1;
+    0 for a graph input) and keeps the graph topologically sorted.
+    """
+    ordered = []
+    for i, node in enumerate(graph.node):
+        ordered.extend(before.get(i, []))
+        ordered.append(node)
+    ordered.extend(before.get(len(graph.node), []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def tensor_names(graph) -> set[str]:
     """Every tensor a node produces, and the graph's first input."""
     return {out for node in graph.node for out in node.output} | {graph.input[0].name}
@@ -111,17 +126,26 @@ def set_metadata(proto, props: dict[str, str]) -> None:
             entry.key, entry.value = key, value
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The ONNX file's ``metadata_props`` (weights are not loaded)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
+def metadata_of(proto) -> dict[str, str]:
+    """An ONNX ModelProto's ``metadata_props`` as a dict."""
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def read_imgsz(path: str | Path) -> int:
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ONNX file's ``metadata_props`` (external weights are not loaded)."""
+    import onnx
+
+    return metadata_of(onnx.load(str(path), load_external_data=False))
+
+
+def imgsz_of(props: dict[str, str]) -> int:
     """The (square) input size an edgeq ONNX was exported at, from its ``edgeq.imgsz`` metadata."""
-    return int(json.loads(read_metadata(path).get("edgeq.imgsz", "[640]"))[0])
+    return int(json.loads(props.get("edgeq.imgsz", "[640]"))[0])
+
+
+def read_imgsz(path: str | Path) -> int:
+    """:func:`imgsz_of` an ONNX file."""
+    return imgsz_of(read_metadata(path))
 
 
 RT_INFO_ROOT = "edgeq"  # the IR's rt_info section holding the ONNX metadata

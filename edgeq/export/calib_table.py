@@ -139,7 +139,7 @@ def calibrate(
     from edgeq.data.images import iter_images, list_images
     from edgeq.export.observe import observe_onnx
     from edgeq.export.qdq_plan import candidate_tensors
-    from edgeq.graph import head_tensors, read_metadata
+    from edgeq.graph import head_tensors, imgsz_of, metadata_of
     from edgeq.runtime.preprocess import preprocess_batch
 
     if method not in METHODS:
@@ -151,9 +151,9 @@ def calibrate(
         warnings.warn(f"{data} holds {len(paths)} images, fewer than the {num_images} asked for: using all of them",
                       stacklevel=2)
     paths = paths[:num_images]
-    meta = read_metadata(float_onnx)
-    size = int(json.loads(meta.get("edgeq.imgsz", "[640]"))[0])
     graph = onnx.load(str(float_onnx))
+    meta = metadata_of(graph)
+    size = imgsz_of(meta)
     used: list[Path] = []
     kept: list[np.ndarray] = []
 

@@ -8,8 +8,8 @@ finds its reference there instead of rebuilding one from the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +22,8 @@ from edgeq.export.qdq import QuantizeReport, quantize_onnx
 from edgeq.export.qdq_plan import resolve
 from edgeq.flavours import Flavour
 from edgeq.graph import FLAVOUR_META, INT8_META, set_metadata
+
+log = logging.getLogger("edgeq")
 
 
 @dataclass
@@ -52,26 +54,22 @@ def flavour_ranges(table: CalibrationTable, flavour: Flavour | str, opts: Int8Op
     return ranges
 
 
-def quantize_model(float_model, table: CalibrationTable, flavour: Flavour | str, opts: Int8Options | None = None,
-                   *, ranges: dict | None = None):
+def quantize_model(float_model, table: CalibrationTable, flavour: Flavour | str, opts: Int8Options | None = None):
     """The flavour's Q/DQ ModelProto of ``float_model`` (in memory) and its report."""
-    import logging
-
     opts = opts or Int8Options()
     flavour = flavour_of(flavour, opts)
     head_ranges = table.channel_ranges() if flavour.policy.head_outputs == "per-channel" else None
     if head_ranges == {}:  # the flavour wants them, the table has none
-        logging.getLogger("edgeq").warning(
-            "the calibration table has no per-channel ranges for the head outputs (it predates them): the head "
-            "convolutions of %s stay float, which is slower; calibrate again to quantize them", flavour.name)
-    ranges = ranges if ranges is not None else flavour_ranges(table, flavour, opts)
-    return quantize_onnx(float_model, ranges, flavour, exclude=set(opts.exclude), float_tensors=set(opts.float_tensors),
+        log.warning("the calibration table has no per-channel ranges for the head outputs (it predates them): the "
+                    "head convolutions of %s stay float, which is slower; calibrate again to quantize them", flavour.name)
+    return quantize_onnx(float_model, flavour_ranges(table, flavour, opts), flavour, exclude=set(opts.exclude), float_tensors=set(opts.float_tensors),
                          head_ranges=head_ranges, uint8_weights=opts.uint8_weights)
 
 
 def int8_record(table: CalibrationTable, flavour: Flavour, opts: Int8Options, report: QuantizeReport,
-                float_onnx: Path, bias_images: int) -> dict:
-    """The ``edgeq.int8`` metadata: everything needed to tell how the artifact was made."""
+                float_onnx: Path, float_sha256: str, bias_images: int) -> dict:
+    """The ``edgeq.int8`` metadata: everything needed to tell how the artifact was made
+    (``float_sha256``: :func:`edgeq.utils.files.file_sha256` of ``float_onnx``)."""
     return {
         "method": opts.method or table.method,
         "percentile": opts.percentile if opts.percentile is not None else table.extra.get("percentile", 99.99),
@@ -84,7 +82,7 @@ def int8_record(table: CalibrationTable, flavour: Flavour, opts: Int8Options, re
         "weights": "uint8" if opts.uint8_weights else "int8",
         "bias_correction": {"images": bias_images, "convolutions": report.bias_corrected},
         "float_onnx": float_onnx.name,
-        "float_onnx_sha256": hashlib.sha256(float_onnx.read_bytes()).hexdigest(),
+        "float_onnx_sha256": float_sha256,
     }
 
 
@@ -123,6 +121,8 @@ def quantize_file(
     """
     import onnx
 
+    from edgeq.utils.files import file_sha256
+
     opts = opts or Int8Options()
     flavour = flavour_of(flavour, opts)
     float_onnx = Path(float_onnx)
@@ -134,5 +134,5 @@ def quantize_file(
         shifts = bias_shifts(model, {flavour.name: q}, correction_batches, progress=progress)[flavour.name]
         q, report = quantize_model(apply_bias_shifts(model, shifts), table, flavour, opts)
         report.bias_corrected = len(shifts)
-    record = int8_record(table, flavour, opts, report, float_onnx, len(correction_batches))
+    record = int8_record(table, flavour, opts, report, float_onnx, file_sha256(float_onnx), len(correction_batches))
     return write_int8(q, flavour, record, out_path), report

@@ -133,6 +133,7 @@ def _quantize_all(model, float_onnx: Path, table, flavour_list, options, bias_ba
     """Q/DQ every flavour; with ``bias_batches``, correct the biases from one float pass and
     quantize again; write each artifact with its record."""
     from edgeq.export.int8 import int8_record, quantize_model, write_int8
+    from edgeq.utils.files import file_sha256
 
     with times("q/dq"):
         quantized = {f.name: quantize_model(model, table, f, options[f.name]) for f in flavour_list}
@@ -149,9 +150,10 @@ def _quantize_all(model, float_onnx: Path, table, flavour_list, options, bias_ba
                 log.info("%s: biases of %d convolutions corrected for the mean shift of rounding (%d images)", f.name,
                          report.bias_corrected, len(bias_batches))
     with times("q/dq"):
+        float_sha256 = file_sha256(float_onnx)
         for f in flavour_list:
             q, report = quantized.pop(f.name)
-            record = int8_record(table, f, options[f.name], report, float_onnx, len(bias_batches))
+            record = int8_record(table, f, options[f.name], report, float_onnx, float_sha256, len(bias_batches))
             result.artifacts[f.name] = write_int8(q, f, record, paths[f.name])
             result.int8_reports[f.name] = report
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from edgeq import __version__, flavours
 from edgeq.errors import EdgeqError
 from edgeq.export.int8_pipeline import Int8Request, export_int8, int8_paths
@@ -204,11 +205,10 @@ def calibrate_model(weights: str | Path, *, data: str | Path | None = None, num_
 
 def _check_parity(loaded, result: ExportResult, request: ParityRequest) -> None:
     """The float artifacts against the checkpoint already in memory (it is not read again)."""
-    from edgeq.runtime.backends.torch import TorchBackend
-    from edgeq.runtime.parity import check_artifacts, failed_artifacts
-
     from edgeq.data.demo import calib_dir
     from edgeq.data.images import load_sample_images
+    from edgeq.runtime.backends.torch import TorchBackend
+    from edgeq.runtime.parity import check_artifacts, failed_artifacts
 
     images = load_sample_images(request.data or calib_dir(), request.num_images)
     checkable = [str(result.artifacts[f]) for f in ("onnx", "openvino") if f in result.artifacts]
@@ -238,14 +238,20 @@ def _export_from_onnx(onnx_path: Path, fmts, out_dir, half, batch, dynamic, forc
     paths = artifact_paths(out, onnx_path.stem, fmts, half)
     paths["onnx"] = onnx_path
     check_targets({k: v for k, v in paths.items() if k != "onnx"}, force)
+    from edgeq.graph import FLAVOUR_META, read_metadata
+
     result = ExportResult(artifacts={"onnx": onnx_path}, source=onnx_path)
     times = StageTimes()
-    _convert(paths, fmts, half, batch, dynamic, workspace_gb, result, times)
+    # a given ONNX may be the TensorRT flavour (Q/DQ): the engine may then use INT8 kernels
+    flavour = read_metadata(onnx_path).get(FLAVOUR_META, flavours.FLOAT) if "engine" in fmts else flavours.FLOAT
+    _convert(paths, fmts, half, batch, dynamic, workspace_gb, result, times, flavour)
     result.stage_seconds = times.to_dict()
     return result
 
 
-def _convert(paths, fmts, half, batch, dynamic, workspace_gb, result: ExportResult, times: StageTimes) -> None:
+def _convert(paths, fmts, half, batch, dynamic, workspace_gb, result: ExportResult, times: StageTimes,
+             flavour: str = flavours.FLOAT) -> None:
+    """IR and engine from ``paths["onnx"]``, whose ``edgeq.flavour`` is ``flavour``."""
     if "openvino" in fmts:
         from edgeq.export.openvino_export import export_openvino
 
@@ -254,12 +260,8 @@ def _convert(paths, fmts, half, batch, dynamic, workspace_gb, result: ExportResu
     if "engine" in fmts:
         from edgeq.export.trt_build import build_engine
         from edgeq.export.trt_plan import BuildOptions
-        from edgeq.graph import FLAVOUR_META, read_metadata
 
         max_batch = max(batch, 8) if dynamic else batch
-        # an existing ONNX given on a Jetson may be the TensorRT flavour: Q/DQ, INT8 kernels allowed
-        flavour = read_metadata(paths["onnx"]).get(FLAVOUR_META, flavours.FLOAT) if result.source == paths["onnx"] \
-            else flavours.FLOAT
         opts = BuildOptions(fp16=half, int8=flavours.made_for(flavour) == "tensorrt", workspace_gb=workspace_gb,
                             min_batch=1, opt_batch=batch, max_batch=max_batch)
         with times("tensorrt engine"):

@@ -17,7 +17,7 @@ import numpy as np
 from edgeq import flavours
 from edgeq.errors import EdgeqError
 from edgeq.flavours import Flavour
-from edgeq.graph import DEQUANTIZED, LOGIT_LIMIT, NORMALIZED_SUFFIX, QUANTIZED, constants, head_tensors
+from edgeq.graph import DEQUANTIZED, LOGIT_LIMIT, NORMALIZED_SUFFIX, QUANTIZED, constants, head_tensors, insert_nodes
 from edgeq.export.qdq_plan import activation_params, plan, resolve, resolve_ties
 
 
@@ -270,13 +270,7 @@ def quantize_onnx(
                 base, q, *scalar_params(base, scale, zp, dtype), index)
             report.constants += 1
 
-    ordered = []
-    for i, node in enumerate(graph.node):
-        ordered.extend(new_nodes.get(i, []))
-        ordered.append(node)
-    ordered.extend(new_nodes.get(len(graph.node), []))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    insert_nodes(graph, new_nodes)
     graph.initializer.extend(new_inits)
     _drop_unused_initializers(graph)
     return model, report

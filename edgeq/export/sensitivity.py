@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from edgeq.flavours import Flavour
-from edgeq.graph import DEQUANTIZED, LOGIT_LIMIT, QUANTIZED, consumers, head_tensors
+from edgeq.graph import DEQUANTIZED, LOGIT_LIMIT, QUANTIZED, consumers, head_tensors, insert_nodes
 from edgeq.utils.progress import progress_bar
 
 SWITCH_INPUT = "edgeq_sensitivity_switch"
@@ -65,12 +65,7 @@ def switchable_model(model, ranges: dict, flavour: Flavour, tensors: Sequence[st
             helper.make_node("Gather", [SWITCH_INPUT, f"{base_name}_index"], [f"{base_name}_on"], axis=0),
             helper.make_node("Where", [f"{base_name}_on", f"{base_name}{DEQUANTIZED}", tensor], [switched]),
         ])
-    ordered = []
-    for i, node in enumerate(graph.node):
-        ordered.extend(added.get(i, []))
-        ordered.append(node)
-    del graph.node[:]
-    graph.node.extend(ordered)
+    insert_nodes(graph, added)
     graph.initializer.extend(inits)
     graph.input.append(helper.make_tensor_value_info(SWITCH_INPUT, TensorProto.BOOL, [len(tensors)]))
     return base

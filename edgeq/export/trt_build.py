@@ -24,7 +24,6 @@ tensorrt is imported inside :func:`import_tensorrt`, so importing this module ne
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 import time
@@ -35,7 +34,7 @@ from typing import Any
 from edgeq.errors import EdgeqError
 from edgeq.export import trt_plan as plan
 from edgeq.runtime import engine_sidecar
-from edgeq.utils.files import atomic_write_bytes
+from edgeq.utils.files import atomic_write_bytes, file_sha256
 
 log = logging.getLogger("edgeq")
 
@@ -183,15 +182,6 @@ def _save_timing_cache(config, path: Path | None) -> None:
 
 
 # ---------------------------------------------------------------------------- what the sidecar records
-
-
-def file_sha256(path: Path) -> str:
-    """The ONNX's SHA-256, so a sidecar tells which export its engine came from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def detect_device() -> dict[str, Any]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from edgeq import flavours
 from edgeq.errors import EdgeqError
+from edgeq.graph import metadata_of
 
 log = logging.getLogger("edgeq")
 
@@ -90,7 +91,7 @@ def inspect_onnx(onnx_path: str | Path) -> OnnxIO:
     return OnnxIO(
         name=inputs[0].name,
         shape=shape,
-        meta={p.key: p.value for p in model.metadata_props},
+        meta=metadata_of(model),
         qdq_nodes=sum(node.op_type in QDQ_OPS for node in graph.node),
         tensors=tensors,
         zero_point_problems=_zero_point_problems(graph),

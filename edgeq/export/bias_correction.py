@@ -193,7 +193,7 @@ def apply_bias_shifts(float_model, shifts: dict[str, np.ndarray]):
     added where a convolution has none)."""
     from onnx import numpy_helper
 
-    from edgeq.graph import constants
+    from edgeq.graph import constants, consumers
 
     model = type(float_model)()
     model.CopyFrom(float_model)
@@ -201,10 +201,7 @@ def apply_bias_shifts(float_model, shifts: dict[str, np.ndarray]):
     values = constants(graph)
     inits = {init.name: init for init in graph.initializer}
     const_nodes = {node.output[0]: node for node in graph.node if node.op_type == "Constant"}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = {name: len(readers) for name, readers in consumers(graph).items()}
     for node in graph.node:
         if node.name not in shifts:
             continue

@@ -17,7 +17,8 @@ import numpy as np
 from edgeq import flavours
 from edgeq.errors import EdgeqError
 from edgeq.flavours import Flavour
-from edgeq.graph import DEQUANTIZED, LOGIT_LIMIT, NORMALIZED_SUFFIX, QUANTIZED, constants, head_tensors, insert_nodes
+from edgeq.graph import (DEQUANTIZED, LOGIT_LIMIT, NORMALIZED_SUFFIX, QUANTIZED, constants, consumers, head_tensors,
+                         insert_nodes)
 from edgeq.export.qdq_plan import activation_params, plan, resolve, resolve_ties
 
 
@@ -32,10 +33,7 @@ def normalize_heads(model, channel_ranges: dict[str, tuple[np.ndarray, np.ndarra
 
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = {name: len(readers) for name, readers in consumers(graph).items()}
     ordered, ranges = [], {}
     for node in graph.node:
         ordered.append(node)

@@ -140,6 +140,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from edgeq.export.finetune import FinetuneOptions
     from edgeq.export.pipeline import Int8Request, ParityRequest, export_model
 
     weights = _model_source(args.weights)
@@ -157,6 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             uint8_weights=args.uint8_weights,
             bias_images=args.bias_correction,
             head_outputs=args.head_outputs,
+            finetune=None if args.finetune is None else FinetuneOptions(steps=args.finetune),
         )
     parity = ParityRequest(data=Path(args.data) if args.data else None, num_images=args.num_images,
                            max_rel_l2=args.max_rel_l2, min_agreement=args.min_agreement, threads=args.threads)

@@ -47,6 +47,9 @@ EXAMPLES = {
 }
 
 
+FINETUNE_STEPS = 200  # edgeq.export.finetune.FinetuneOptions.steps (not imported: --help stays fast)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -173,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bias-correction", type=_non_negative_int, default=32, metavar="N",
                    help="measure on N calibration images the mean shift rounding adds to each convolution's output "
                         "and take it out of its bias (default 32, about 10 s per flavour at 320; 0 turns it off)")
+    q.add_argument("--finetune", type=_non_negative_int, nargs="?", const=FINETUNE_STEPS, metavar="STEPS",
+                   help=f"train each flavour's own INT8 graph to reproduce the float model on the calibration images "
+                        f"(distillation, no labels; default {FINETUNE_STEPS} steps of 8 images when given without "
+                        "STEPS; 0: off, also when a --table recorded a fine-tune)")
     q.add_argument("--head-outputs", choices=("float", "per-channel", "per-tensor"),
                    help="the head convolutions' outputs (box and score logits): float (default: the head convolutions "
                         "run in float), per-channel (quantized with one range per channel: all-integer on ONNX Runtime, "

@@ -83,6 +83,7 @@ def int8_record(table: CalibrationTable, flavour: Flavour, opts: Int8Options, re
         "bias_correction": {"images": bias_images, "convolutions": report.bias_corrected},
         "float_onnx": float_onnx.name,
         "float_onnx_sha256": float_sha256,
+        **({"finetune": report.finetune} if report.finetune else {}),
     }
 
 

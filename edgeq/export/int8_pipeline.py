@@ -38,6 +38,7 @@ class Int8Request:
     uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
     bias_images: int = 32  # calibration images the bias correction is measured on; 0: no correction
     head_outputs: str | None = None  # the head convolutions' outputs (float, per-channel, per-tensor); None: the flavour's
+    finetune: object | None = None  # FinetuneOptions: train each flavour's Q/DQ graph on the calibration images
     progress: bool = True
 
     def fallback_for(self, flavour: Flavour) -> int:
@@ -74,6 +75,8 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
 
     fallbacks = {f.name: request.fallback_for(f) for f in flavour_list}
     keep = max(request.bias_images, SENSITIVITY_IMAGES if any(fallbacks.values()) else 0)
+    if request.finetune is not None:  # the fine-tune trains on every calibration image
+        keep = max(keep, request.num_images)
     image_dir = _images(request, own_model, request.table is None or keep > 0)
     with times("calibration"):
         if request.table is not None:
@@ -97,8 +100,15 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
                 opts.float_tensors = _fallback(model, table, flavour, opts, batches[:SENSITIVITY_IMAGES],
                                                fallbacks[flavour.name], request)
         options[flavour.name] = opts
-    _quantize_all(model, float_onnx, table, flavour_list, options, batches[:request.bias_images], paths, result,
-                  times, request.progress)
+    quantized = _quantize_all(model, table, flavour_list, options, batches[:request.bias_images], times,
+                              request.progress)
+    if request.finetune is not None:
+        quantized = _finetune_all(model, table, flavour_list, options, quantized, batches, request, times)
+        if "table" in paths and request.table is None:
+            result.artifacts["table"] = table.save(paths["table"])  # now with the fine-tune's record
+    with times("q/dq"):
+        _write_all(float_onnx, table, flavour_list, options, quantized, len(batches[:request.bias_images]), paths,
+                   result)
     for flavour in flavour_list:
         _post_steps(flavour, float_onnx, table, paths, result, times, request, batch=batch, dynamic=dynamic,
                     workspace_gb=workspace_gb)
@@ -128,12 +138,10 @@ def _fallback(model, table, flavour: Flavour, opts, batches, count: int, request
     return chosen
 
 
-def _quantize_all(model, float_onnx: Path, table, flavour_list, options, bias_batches, paths, result, times,
-                  progress: bool) -> None:
-    """Q/DQ every flavour; with ``bias_batches``, correct the biases from one float pass and
-    quantize again; write each artifact with its record."""
-    from edgeq.export.int8 import int8_record, quantize_model, write_int8
-    from edgeq.utils.files import file_sha256
+def _quantize_all(model, table, flavour_list, options, bias_batches, times, progress: bool) -> dict:
+    """Flavour name -> (Q/DQ ModelProto, report); with ``bias_batches``, the biases corrected from
+    one float pass and every flavour quantized again."""
+    from edgeq.export.int8 import quantize_model
 
     with times("q/dq"):
         quantized = {f.name: quantize_model(model, table, f, options[f.name]) for f in flavour_list}
@@ -149,13 +157,50 @@ def _quantize_all(model, float_onnx: Path, table, flavour_list, options, bias_ba
                 quantized[f.name] = (q, report)
                 log.info("%s: biases of %d convolutions corrected for the mean shift of rounding (%d images)", f.name,
                          report.bias_corrected, len(bias_batches))
-    with times("q/dq"):
-        float_sha256 = file_sha256(float_onnx)
-        for f in flavour_list:
-            q, report = quantized.pop(f.name)
-            record = int8_record(table, f, options[f.name], report, float_onnx, float_sha256, len(bias_batches))
-            result.artifacts[f.name] = write_int8(q, f, record, paths[f.name])
-            result.int8_reports[f.name] = report
+    return quantized
+
+
+def _finetune_all(model, table, flavour_list, options, quantized: dict, batches, request: Int8Request, times) -> dict:
+    """Train each flavour's own Q/DQ graph against the float model, then quantize the trained
+    float weights again with the same table: the artifact is the graph that was trained."""
+    import numpy as np
+
+    from edgeq.export.finetune import finetune
+    from edgeq.export.int8 import quantize_model
+
+    if not batches:
+        raise EdgeqError("the fine-tune needs calibration images, and none were read")
+    images = np.concatenate(batches)
+    records = {}
+    out = {}
+    for f in flavour_list:
+        q, report = quantized[f.name]
+        with times("fine-tune"):
+            trained = finetune(model, q, images, request.finetune, progress=request.progress, desc=f"fine-tune {f.name}")
+        with times("q/dq"):
+            q, new_report = quantize_model(trained.model, table, f, options[f.name])
+        new_report.bias_corrected = report.bias_corrected  # the corrected biases were the fine-tune's start
+        new_report.finetune = trained.record
+        out[f.name] = (q, new_report)
+        records[f.name] = trained.record
+        log.info("%s: fine-tuned %d steps on %d images in %.0f s, distillation loss %.4f -> %.4f", f.name,
+                 trained.record["steps"], trained.record["images"], trained.record["seconds"],
+                 trained.record["loss_first"], trained.record["loss_last"])
+    table.extra["finetune"] = records
+    return out
+
+
+def _write_all(float_onnx: Path, table, flavour_list, options, quantized: dict, bias_images: int, paths, result) -> None:
+    """Write each flavour's artifact with its record (atomically)."""
+    from edgeq.export.int8 import int8_record, write_int8
+    from edgeq.utils.files import file_sha256
+
+    float_sha256 = file_sha256(float_onnx)
+    for f in flavour_list:
+        q, report = quantized.pop(f.name)
+        record = int8_record(table, f, options[f.name], report, float_onnx, float_sha256, bias_images)
+        result.artifacts[f.name] = write_int8(q, f, record, paths[f.name])
+        result.int8_reports[f.name] = report
 
 
 def _post_steps(flavour: Flavour, float_onnx: Path, table, paths, result, times, request: Int8Request, *, batch: int,

@@ -103,6 +103,7 @@ class QuantizeReport:
     float_tensors: list[str] = field(default_factory=list)
     head_outputs: str = "float"  # how the head convolutions' outputs were left: float, per-tensor, per-channel
     bias_corrected: int = 0  # convolutions whose bias was corrected (edgeq.export.bias_correction)
+    finetune: dict | None = None  # the fine-tune's record (edgeq.export.finetune), when the weights were trained
 
 
 def quantize_onnx(

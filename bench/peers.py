@@ -12,7 +12,9 @@ on the backends it can run on:
   decode excluded, minmax / percentile / entropy) -> ONNX Runtime and OpenVINO;
 * NVIDIA ModelOpt ONNX PTQ (INT8, its default entropy calibrator, ONNX Runtime's CPU provider
   for calibration), run in its own venv (``--modelopt-python``, see bench/modelopt_quantize.py)
-  -> ONNX Runtime and OpenVINO.
+  -> ONNX Runtime and OpenVINO;
+* Qualcomm AIMET (aimet-onnx) QuantSim defaults and AdaRound, QDQ export, in its own venv
+  (``--aimet-python``, see bench/peers_aimet.py and bench/aimet_quantize.py) -> both.
 
 Per row: mAP50-95 of the demo model on its validation split and the drop against float (in
 points), median latency on each backend (batch 1, interleaved runs after warm-up, ONNX
@@ -41,6 +43,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_latency import calibration_batches, calibration_reader  # noqa: E402
 from latency import measure, random_checkpoint  # noqa: E402
+from peers_aimet import aimet_methods  # noqa: E402
 
 
 @dataclass
@@ -159,7 +162,7 @@ def to_ir(onnx_path: Path) -> Path:
 
 
 def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches, quick: bool,
-            modelopt: str | None, only: list[str]) -> list[Method]:
+            modelopt: str | None, only: list[str], aimet: tuple = (None, 100, 16)) -> list[Method]:
     from edgeq import flavours
     from edgeq.data.demo import calib_dir
     from edgeq.export.calib_table import calibrate
@@ -242,7 +245,7 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
         rows.append(Method(f"NVIDIA ModelOpt {version} ONNX PTQ (int8, entropy, CPU; {len(few)} images)", mo))
     elif version:
         print(f"ModelOpt: not run ({version}); see --modelopt-python")
-    return rows
+    return rows + aimet_methods(Method, float_onnx, batches, *aimet, label, to_ir, only)
 
 
 def evaluate(path: Path, dataset) -> dict:
@@ -264,7 +267,8 @@ def run_model(weights: Path, imgsz: int, folder: Path, args, *, accuracy: bool) 
     # the latency-only model needs no accurate ranges: 64 images keep its 640 px calibrations short
     batches = calibration_batches(imgsz, args.calib_images if accuracy else min(args.calib_images, 64))
     rows = methods(float_onnx, float_ir, weights, imgsz, batches, args.quick, args.modelopt_python,
-                   [w for w in (args.only or "").split(",") if w])
+                   [w for w in (args.only or "").split(",") if w],
+                   (args.aimet_python, args.adaround_iterations, args.adaround_images))
     dataset = None
     if accuracy:
         dataset = YoloDataset(demo_data_yaml(), split="val")
@@ -354,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-images", type=int, help="first N validation images (default all 500, quick 100)")
     p.add_argument("--modelopt-python", help="an interpreter with NVIDIA ModelOpt (its own venv: see "
                                               "bench/modelopt_quantize.py); default: this one if it has it")
+    p.add_argument("--aimet-python", help="an interpreter with aimet-onnx (its own venv: see bench/aimet_quantize.py); "
+                                          "default /work/venv-aimet/bin/python, AIMET rows skipped if missing")
+    p.add_argument("--adaround-iterations", type=int, default=100, help="AIMET AdaRound steps a layer (its advice: 10k)")
+    p.add_argument("--adaround-images", type=int, default=16, help="AdaRound on the first N calibration images")
     p.add_argument("--only", help="comma-separated words: run only the methods whose name contains one "
                                   "('edgeq best' needs 'edgeq default' too)")
     p.add_argument("--out", help="keep the models here (default: a temporary folder)")

@@ -35,24 +35,37 @@ class FinetuneOptions:
     lr: float = 1e-4  # Adam, cosine decay to 0 over the steps
     seed: int = 0
     flip: bool = True  # light augmentation: half the batches mirrored left-right
+    jitter: float = 0.0  # and zoomed by a random factor in [1 - jitter, 1 + jitter], cropped or padded back
     block_weight: float = 0.0  # weight of the block outputs' relative MSE beside the head loss (0: head only)
+    learn_scales: bool = False  # LSQ: train the activation scales too (log-parametrized, lr scale_lr)
+    scale_lr: float = 1e-3
     threads: int | None = None  # torch threads; None: torch's default (every core)
+
+
+    @classmethod
+    def from_record(cls, record: dict) -> FinetuneOptions:
+        """The options a calibration table's fine-tune record was made with (to repeat the run)."""
+        names = {f for f in cls.__dataclass_fields__ if f != "threads"}
+        return cls(**{k: v for k, v in record.items() if k in names})
 
 
 @dataclass
 class FinetuneResult:
     model: object  # the float ONNX ModelProto with the trained weights and biases
     record: dict  # what the calibration table and the artifact record about the run
+    scales: dict | None = None  # learned activation scales (tensor -> scale), with learn_scales
 
 
 def head_loss(student: Sequence, teacher: Sequence, outputs_per_anchor: int | None = None):
     """How far the student's detections are from the teacher's, from the head logits.
 
     With the YOLO layout known (``outputs_per_anchor`` = 5 + classes), the comparison is made
-    where detections are decided: on the sigmoids, box and class terms weighted by the teacher's
-    objectness (background anchors, most of them, carry no box), everything summed over anchors
-    and divided by the teacher's total objectness (its object count). Without it: the logits' MSE
-    relative to the teacher's mean square.
+    where detections are decided, on the sigmoids the decode reads: the box as the decode
+    scales it (centre error relative to the box size, log ratio of width and height: what
+    IoU at 0.5-0.95 responds to), objectness, and classes; box and class terms weighted by the
+    teacher's objectness (background anchors, most of them, carry no box), everything summed
+    over anchors and divided by the teacher's total objectness (its object count). Without the
+    layout: the logits' MSE relative to the teacher's mean square.
     """
     total = 0.0
     for s, t in zip(student, teacher):
@@ -62,11 +75,18 @@ def head_loss(student: Sequence, teacher: Sequence, outputs_per_anchor: int | No
         shape = (t.shape[0], -1, outputs_per_anchor, *t.shape[2:])
         ps, pt = s.reshape(shape).sigmoid(), t.reshape(shape).sigmoid()
         weight = pt[:, :, 4:5]
-        sq = (ps - pt) ** 2
-        per_object = weight.sum().clamp_min(1.0)
-        total = total + ((sq[:, :, :4] * weight).sum() + sq[:, :, 4].sum()
-                         + (sq[:, :, 5:] * weight).sum()) / per_object
+        size = (2 * pt[:, :, 2:4]) ** 2  # the decode: width, height = (2 sigmoid)^2 x anchor
+        centre = (2 * (ps[:, :, 0:2] - pt[:, :, 0:2]) / size.clamp_min(0.05)) ** 2
+        extent = (2 * (torch_log(ps[:, :, 2:4]) - torch_log(pt[:, :, 2:4]))) ** 2
+        box = ((centre + extent) * weight).sum()
+        obj = ((ps[:, :, 4] - pt[:, :, 4]) ** 2).sum()
+        cls = (((ps[:, :, 5:] - pt[:, :, 5:]) ** 2) * weight).sum()
+        total = total + (box + obj + cls) / weight.sum().clamp_min(1.0)
     return total / len(student)
+
+
+def torch_log(x):
+    return x.clamp_min(1e-6).log()
 
 
 def _outputs_per_anchor(float_model) -> int | None:
@@ -76,6 +96,24 @@ def _outputs_per_anchor(float_model) -> int | None:
 
     names = metadata_of(float_model).get("edgeq.names")
     return len(json.loads(names)) + 5 if names else None
+
+
+def zoom(batch: np.ndarray, factor: float, rng) -> np.ndarray:
+    """``batch`` zoomed by ``factor`` about a random point, cropped or padded (letterbox grey) to its size."""
+    import cv2
+
+    n, c, h, w = batch.shape
+    nh, nw = max(8, round(h * factor)), max(8, round(w * factor))
+    out = np.full_like(batch, 114 / 255)
+    for i in range(n):
+        img = cv2.resize(batch[i].transpose(1, 2, 0), (nw, nh), interpolation=cv2.INTER_LINEAR).reshape(nh, nw, c)
+        img = img.transpose(2, 0, 1)
+        dy, dx = int(rng.integers(0, abs(nh - h) + 1)), int(rng.integers(0, abs(nw - w) + 1))
+        if factor >= 1:
+            out[i] = img[:, dy:dy + h, dx:dx + w]
+        else:
+            out[i, :, dy:dy + nh, dx:dx + nw] = img
+    return out
 
 
 def block_tensors(graph) -> list[str]:
@@ -139,15 +177,17 @@ def finetune(float_model, q_model, images: np.ndarray, opts: FinetuneOptions | N
     blocks = block_tensors(float_model.graph) if opts.block_weight else []
     start = time.perf_counter()
     teacher_model = _Teacher(float_model, heads + blocks)
-    student = QdqModule(q_model, heads + blocks, float_model)
+    student = QdqModule(q_model, heads + blocks, float_model, learn_scales=opts.learn_scales)
     layout = _outputs_per_anchor(float_model)
     threads = torch.get_num_threads()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     rng = np.random.default_rng(opts.seed)
     torch.manual_seed(opts.seed)
-    params = list(student.parameters())
-    optim = torch.optim.Adam(params, lr=opts.lr)
+    groups = [{"params": [*student.weights.values(), *student.biases.values()], "lr": opts.lr}]
+    if opts.learn_scales:
+        groups.append({"params": list(student.log_scales.values()), "lr": opts.scale_lr})
+    optim = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: 0.5 * (1 + math.cos(math.pi * i / opts.steps)))
     losses: list[float] = []
     order = rng.permutation(len(images))
@@ -161,6 +201,8 @@ def finetune(float_model, q_model, images: np.ndarray, opts: FinetuneOptions | N
                 cursor += opts.batch
                 mirrored = bool(opts.flip and rng.random() < 0.5)
                 x = np.ascontiguousarray(images[pick][..., ::-1] if mirrored else images[pick])
+                if opts.jitter:
+                    x = zoom(x, float(rng.uniform(1 - opts.jitter, 1 + opts.jitter)), rng)
                 teacher = [torch.from_numpy(t) for t in teacher_model(x)]
                 outs = student(torch.from_numpy(x))
                 loss = head_loss(outs[:len(heads)], teacher[:len(heads)], layout)
@@ -187,4 +229,4 @@ def finetune(float_model, q_model, images: np.ndarray, opts: FinetuneOptions | N
         "loss_last": round(float(np.mean(losses[-8:])), 6),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    return FinetuneResult(trained, record)
+    return FinetuneResult(trained, record, student.learned_scales() if opts.learn_scales else None)

@@ -34,6 +34,7 @@ class Int8Options:
     float_tensors: tuple[str, ...] = ()  # activations left unquantized (sensitivity fallback)
     uint8_weights: bool = False  # int8-ort: weights as uint8, zero point 128 (no int16 saturation without VNNI)
     head_outputs: str | None = None  # the head convolutions' outputs: float, per-channel, per-tensor; None: the flavour's
+    scales: dict[str, float] | None = None  # activation scales learned by the fine-tune, replacing the table's
 
 
 def flavour_of(flavour: Flavour | str, opts: Int8Options | None = None) -> Flavour:
@@ -63,7 +64,7 @@ def quantize_model(float_model, table: CalibrationTable, flavour: Flavour | str,
         log.warning("the calibration table has no per-channel ranges for the head outputs (it predates them): the "
                     "head convolutions of %s stay float, which is slower; calibrate again to quantize them", flavour.name)
     return quantize_onnx(float_model, flavour_ranges(table, flavour, opts), flavour, exclude=set(opts.exclude), float_tensors=set(opts.float_tensors),
-                         head_ranges=head_ranges, uint8_weights=opts.uint8_weights)
+                         head_ranges=head_ranges, uint8_weights=opts.uint8_weights, scales=opts.scales)
 
 
 def int8_record(table: CalibrationTable, flavour: Flavour, opts: Int8Options, report: QuantizeReport,

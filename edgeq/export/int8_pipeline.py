@@ -73,6 +73,7 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
     from edgeq.export.calib_table import CalibrationTable, calibrate
     from edgeq.export.int8 import Int8Options
 
+    request = _with_recorded_finetune(request)
     fallbacks = {f.name: request.fallback_for(f) for f in flavour_list}
     keep = max(request.bias_images, SENSITIVITY_IMAGES if any(fallbacks.values()) else 0)
     if request.finetune is not None:  # the fine-tune trains on every calibration image
@@ -112,6 +113,26 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
     for flavour in flavour_list:
         _post_steps(flavour, float_onnx, table, paths, result, times, request, batch=batch, dynamic=dynamic,
                     workspace_gb=workspace_gb)
+
+
+def _with_recorded_finetune(request: Int8Request) -> Int8Request:
+    """A reused table that records a fine-tune repeats it (same steps, images, seed) unless
+    the request says otherwise; ``steps=0`` turns the fine-tune off."""
+    from dataclasses import replace
+
+    from edgeq.export.calib_table import CalibrationTable
+    from edgeq.export.finetune import FinetuneOptions
+
+    finetune = request.finetune
+    if finetune is None and request.table is not None:
+        records = CalibrationTable.load(request.table).extra.get("finetune") or {}
+        if records:
+            finetune = FinetuneOptions.from_record(next(iter(records.values())))
+            log.info("the table records a fine-tune: repeating it (%d steps, seed %d); --finetune 0 skips it",
+                     finetune.steps, finetune.seed)
+    if finetune is not None and finetune.steps == 0:
+        finetune = None
+    return replace(request, finetune=finetune)
 
 
 def _first_batches(image_dir: Path, count: int, float_onnx: Path) -> list:
@@ -177,12 +198,13 @@ def _finetune_all(model, table, flavour_list, options, quantized: dict, batches,
         q, report = quantized[f.name]
         with times("fine-tune"):
             trained = finetune(model, q, images, request.finetune, progress=request.progress, desc=f"fine-tune {f.name}")
+        options[f.name].scales = trained.scales  # learned activation scales (None: the table's)
         with times("q/dq"):
             q, new_report = quantize_model(trained.model, table, f, options[f.name])
         new_report.bias_corrected = report.bias_corrected  # the corrected biases were the fine-tune's start
-        new_report.finetune = trained.record
+        new_report.finetune = {**trained.record, "learned_scales": len(trained.scales or {})}
         out[f.name] = (q, new_report)
-        records[f.name] = trained.record
+        records[f.name] = {**trained.record, **({"scales": trained.scales} if trained.scales else {})}
         log.info("%s: fine-tuned %d steps on %d images in %.0f s, distillation loss %.4f -> %.4f", f.name,
                  trained.record["steps"], trained.record["images"], trained.record["seconds"],
                  trained.record["loss_first"], trained.record["loss_last"])

@@ -117,6 +117,7 @@ def quantize_onnx(
     weights: bool = True,
     head_ranges: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     uint8_weights: bool = False,
+    scales: dict[str, float] | None = None,
 ):
     """Return a copy of float ``model`` with Q/DQ pairs placed by ``flavour``'s policy.
 
@@ -128,6 +129,8 @@ def quantize_onnx(
     and ``ranges`` lacks is an error naming it (the table belongs to another model).
     ``head_ranges``: head output -> per-channel (min, max), for a "per-channel" policy; without
     them the head outputs stay float.
+    ``scales``: activation tensor -> scale learned by the fine-tune (edgeq.export.finetune),
+    replacing the calibrated one (zero point and number format kept).
     ``uint8_weights``: store the int8 weights as uint8 with zero point 128 (the same values).
     ONNX Runtime then runs its u8u8 kernels. On x86 CPUs without VNNI, its u8s8 kernels add
     pairs of products in saturating int16, which doubled the noise of a trained demo model
@@ -209,6 +212,9 @@ def quantize_onnx(
     for tensor, source in resolve_ties(the_plan.ties):
         if tensor in params and source in params:
             params[tensor] = params[source]
+    for tensor, scale in (scales or {}).items():
+        if tensor in params:
+            params[tensor] = (float(np.float32(scale)), *params[tensor][1:])
     for tensor in the_plan.activations:
         scale, zp, dtype = params[tensor]
         s_name, z_name = scalar_params(tensor, scale, zp, dtype)

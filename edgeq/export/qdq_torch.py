@@ -60,7 +60,7 @@ class QdqModule(nn.Module):
     order (any tensor of the graph; the float tensor names survive the Q/DQ rewrite).
     """
 
-    def __init__(self, q_model, outputs: Iterable[str], float_model=None):
+    def __init__(self, q_model, outputs: Iterable[str], float_model=None, *, learn_scales: bool = False):
         super().__init__()
         graph = q_model.graph
         self.outputs = list(outputs)
@@ -78,6 +78,15 @@ class QdqModule(nn.Module):
                 raise EdgeqError(f"{node.name}: the head outputs are normalized (--head-outputs per-channel), which "
                                  "the fine-tune does not model", note="fine-tune with the flavour's default head outputs")
         self._pairs = self._fuse_pairs(graph, producer)
+        self.log_scales = nn.ParameterDict()  # learned activation scales: scale = calibrated * exp(p)
+        self._group: dict[str, str] = {}  # fused pair -> its scale's key (tied tensors share one)
+        if learn_scales:
+            for dq, (_, scale, zero, low, high) in self._pairs.items():
+                key = f"g{len(self.log_scales)}"
+                key = next((k for d, k in self._group.items() if self._pairs[d][1:] == (scale, zero, low, high)), key)
+                self._group[dq] = key
+                if key not in self.log_scales:
+                    self.log_scales[key] = nn.Parameter(torch.zeros(()))
         self._nodes = _needed(graph, self.outputs)
         self._const = {k: torch.from_numpy(np.array(v)) for k, v in self._values.items()}
         self.input_name = next(i.name for i in graph.input if i.name not in self._values)
@@ -106,6 +115,7 @@ class QdqModule(nn.Module):
                 start = _dequantize(self._values, dq)
                 self._skip.add(dq.name)
                 layer["bias_scale_in"] = self._input_scale(node, producer)
+                layer["input_dq"] = producer[node.input[0]].name
             elif b_in in self._values:
                 start = self._values[b_in]
             else:
@@ -153,8 +163,22 @@ class QdqModule(nn.Module):
         w = self.weights[layer["key"]].detach()
         dims = [d for d in range(w.ndim) if d != layer["weight_axis"]]
         w_scale = torch.clamp(w.abs().amax(dim=dims) / 127.0, min=float(np.finfo(np.float32).eps))
-        scale = (layer["bias_scale_in"] * w_scale.double()).float()
+        scale_in = layer["bias_scale_in"]
+        if layer.get("input_dq") in self._group:  # its input's scale is being learned
+            scale_in = float(self.pair_scale(layer["input_dq"]).detach())
+        scale = (scale_in * w_scale.double()).float()
         return fake_quant(b, scale, torch.zeros(()), -(2**31), 2**31 - 1)
+
+    def pair_scale(self, dq: str) -> torch.Tensor:
+        """The (float32) scale fused pair ``dq`` quantizes with now."""
+        scale = self._pairs[dq][1]
+        if dq not in self._group:
+            return torch.tensor(scale, dtype=torch.float32)
+        return (scale * torch.exp(self.log_scales[self._group[dq]])).float()
+
+    def learned_scales(self) -> dict[str, float]:
+        """Float tensor name -> learned scale, for the export (``Int8Options.scales``)."""
+        return {self._pairs[dq][0]: float(self.pair_scale(dq).detach()) for dq in self._group}
 
     # ------------------------------------------------------------------ running
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -198,7 +222,12 @@ class QdqModule(nn.Module):
         if op == "DequantizeLinear":
             if node.name in self._pairs:
                 source, scale, zero, low, high = self._pairs[node.name]
-                return [torch.fake_quantize_per_tensor_affine(self._get(env, source), scale, zero, low, high)]
+                x = self._get(env, source)
+                if node.name in self._group:  # LSQ: the gradient reaches the scale too
+                    grad = 1.0 / float(np.sqrt(max(1, x[0].numel()) * high))
+                    return [torch._fake_quantize_learnable_per_tensor_affine(
+                        x, self.pair_scale(node.name).reshape(1), torch.tensor([float(zero)]), low, high, grad)]
+                return [torch.fake_quantize_per_tensor_affine(x, scale, zero, low, high)]
             return [self._dequantize(node, ins)]
         return [_elementwise(op, a, ins, node)]
 

@@ -157,3 +157,22 @@ def test_export_finetune_cli_records_the_run(int8_export, tmp_path, one_torch_th
     assert record["finetune"]["steps"] == 3 and record["finetune"]["images"] == 8
     table = json.loads(next(out.glob("*.calib.json")).read_text())
     assert table["extra"]["finetune"]["int8-ort"]["steps"] == 3
+
+
+def test_reused_table_repeats_the_recorded_finetune(int8_export, tmp_path, one_torch_thread):
+    from edgeq.cli import main
+
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = [str(int8_export.checkpoint), "--format", "onnx", "--data", str(int8_export.images), "--calib-images", "8",
+              "--imgsz", "64", "--fallback", "0", "--num-images", "0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", *common, "--int8", "--finetune", "2", "--out", str(first)]) == 0
+        table = next(first.glob("*.calib.json"))
+        assert main(["export", *common, "--table", str(table), "--out", str(second)]) == 0
+        assert main(["export", *common, "--table", str(table), "--finetune", "0", "--out", str(third)]) == 0
+    records = [json.loads(read_metadata(next(d.glob("*.int8-ort.onnx")))["edgeq.int8"]) for d in (first, second, third)]
+    assert records[1]["finetune"]["steps"] == 2 and records[1]["finetune"]["seed"] == records[0]["finetune"]["seed"]
+    assert "finetune" not in records[2]
+    a, b = (constants(onnx.load(str(next(d.glob("*.int8-ort.onnx")))).graph) for d in (first, second))
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # same images, seed and steps: the same artifact

@@ -8,14 +8,17 @@ torch pinned first (docs/BENCHMARKS.md, "AIMET (aimet-onnx) as a peer"):
     /work/venv-aimet/bin/pip install torch==2.13.0          # the CPU build
     /work/venv-aimet/bin/pip install -r bench/requirements-aimet.txt
 
-    /work/venv-aimet/bin/python bench/aimet_quantize.py float.onnx calib.npy out.onnx [ptq|adaround] [ITERS] [IMAGES]
+    /work/venv-aimet/bin/python bench/aimet_quantize.py float.onnx calib.npy out.onnx [ptq|adaround] [ITERS] [IMAGES] [FLOAT_TENSORS.txt]
 
 ``ptq``: a ``QuantizationSimModel`` with AIMET's defaults (its "default" config: int8 symmetric
 weights, per-channel for Conv/Gemm/MatMul, bias not quantized, asymmetric 8-bit activations at
 every op output and the model input; min-max calibration), ``compute_encodings`` over the
 calibration images. ``adaround``: the same sim, ``apply_adaround`` (learned weight rounding from
 the same unlabelled images, weight encodings frozen), then ``compute_encodings`` for the
-activations. Either way the sim is written out with ``to_onnx_qdq`` (QuantizeLinear/
+activations. FLOAT_TENSORS.txt (one tensor name a line): quantizers of these tensors disabled
+after the sim is built (bench/peers.py passes the detection decode's outputs for its
+"decode float" rows, as quantize_static's best row and Ultralytics' NNCF call exclude it).
+Either way the sim is written out with ``to_onnx_qdq`` (QuantizeLinear/
 DequantizeLinear, activations as uint8) so ONNX Runtime and OpenVINO run it as any QDQ model.
 """
 
@@ -30,7 +33,7 @@ THREADS = 2  # the benchmark's machine: keep AIMET's ONNX Runtime session and to
 
 
 def quantize(float_onnx: str, calib: str, out: str, mode: str = "ptq", iterations: int = 100,
-             images_for_adaround: int = 16) -> float:
+             images_for_adaround: int = 16, float_tensors: tuple[str, ...] = ()) -> float:
     import onnx
     import torch
 
@@ -48,6 +51,9 @@ def quantize(float_onnx: str, calib: str, out: str, mode: str = "ptq", iteration
     # except the ORT session's thread count
     sim = QuantizationSimModel(model, session_options_kwargs={"intra_op_num_threads": THREADS,
                                                               "inter_op_num_threads": 1})
+    for tensor in float_tensors:
+        if tensor in sim.qc_quantize_op_dict:
+            sim.qc_quantize_op_dict[tensor].enabled = False
     if mode == "adaround":
         # AIMET recommends 10k iterations per layer for 8-bit weights. On 2 shared cores its per-layer
         # work (two ORT sessions built per layer, every AdaRound image through both models, then the
@@ -73,7 +79,8 @@ def main(argv: list[str]) -> int:
     mode = argv[3] if len(argv) > 3 else "ptq"
     iterations = int(argv[4]) if len(argv) > 4 else 100
     images = int(argv[5]) if len(argv) > 5 else 16
-    quantize(argv[0], argv[1], argv[2], mode, iterations, images)
+    float_tensors = tuple(open(argv[6]).read().split()) if len(argv) > 6 else ()
+    quantize(argv[0], argv[1], argv[2], mode, iterations, images, float_tensors)
     return 0
 
 

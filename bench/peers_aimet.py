@@ -17,7 +17,7 @@ from pathlib import Path
 
 DEFAULT_PYTHON = "/work/venv-aimet/bin/python"
 SCRIPT = Path(__file__).resolve().parent / "aimet_quantize.py"
-NAMES = "aimet quantsim defaults adaround"  # what --only matches in these rows' names
+NAMES = "aimet quantsim defaults adaround decode float"  # what --only matches in these rows' names
 
 
 def aimet_python(requested: str | None) -> tuple[str | None, str]:
@@ -33,20 +33,35 @@ def aimet_python(requested: str | None) -> tuple[str | None, str]:
     return python, probe.stdout.strip().splitlines()[-1]
 
 
+def decode_outputs(float_onnx: Path) -> list[str]:
+    """The output tensors of the float model's detection decode (edgeq.graph.decode_nodes)."""
+    import onnx
+
+    from edgeq.graph import decode_nodes
+
+    graph = onnx.load(str(float_onnx)).graph
+    decode = decode_nodes(graph)
+    return [out for node in graph.node if node.name in decode for out in node.output]
+
+
 def aimet_quantize(python: str, float_onnx: Path, out: Path, batches, mode: str, iterations: int,
-                   images: int) -> Path:
+                   images: int, decode_float: bool = False) -> Path:
     """Run bench/aimet_quantize.py in AIMET's interpreter on these calibration batches."""
     import numpy as np
 
-    calib = out.with_suffix(".calib.npy")
+    calib, floats = out.with_suffix(".calib.npy"), out.with_suffix(".float.txt")
     np.save(calib, np.concatenate(batches))
+    extra = []
+    if decode_float:
+        floats.write_text("\n".join(decode_outputs(float_onnx)) + "\n")
+        extra = [str(floats)]
     proc = subprocess.run([python, str(SCRIPT), str(float_onnx), str(calib), str(out), mode, str(iterations),
-                           str(images)],
-                          capture_output=True, text=True)
+                           str(images), *extra], capture_output=True, text=True)
     calib.unlink(missing_ok=True)
+    floats.unlink(missing_ok=True)
     if proc.returncode or not out.exists():
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"aimet_quantize.py exit {proc.returncode}")
+        raise RuntimeError(f"aimet_quantize.py exit {proc.returncode}: {lines[-1] if lines else ''}")
     print("  " + proc.stdout.strip().splitlines()[-1], flush=True)
     return out
 
@@ -61,21 +76,25 @@ def aimet_methods(Method, float_onnx: Path, batches, requested: str | None, iter
         print(f"AIMET: not run ({version})", flush=True)
         return []
 
-    def build(mode: str, name: str):
+    def build(mode: str, name: str, decode_float: bool = False):
         def run(folder: Path) -> dict[str, Path]:
-            path = aimet_quantize(python, float_onnx, folder / f"{name}.onnx", batches, mode, iterations, images)
+            path = aimet_quantize(python, float_onnx, folder / f"{name}.onnx", batches, mode, iterations, images,
+                                  decode_float)
             path = label(path, float_onnx, "peer:aimet")
             return {"onnxruntime": path, "openvino": to_ir(path)}
         return run
 
     # AIMET's "default" config: int8 symmetric weights per-channel (Conv/Gemm/MatMul), bias float,
-    # 8-bit asymmetric activations at every op output and the model input, min-max ranges
+    # 8-bit asymmetric activations at every op output and the model input, min-max ranges. Left as
+    # it is, it also quantizes the decoded output (pixel boxes and [0, 1] scores on one scale: every
+    # score rounds to 0), so the AdaRound row and a PTQ twin keep the decode float
     images = min(images, len(batches))
     rows = [
         Method(f"AIMET {version} QuantSim defaults (w8 per-channel sym, a8 asym, min-max)",
                build("ptq", "aimet-ptq")),
-        Method(f"AIMET {version} AdaRound ({iterations} iterations/layer, {images} images) + QuantSim defaults",
-               build("adaround", "aimet-adaround"),
+        Method(f"AIMET {version} QuantSim defaults, decode float", build("ptq", "aimet-ptq-decode-float", True)),
+        Method(f"AIMET {version} AdaRound ({iterations} iterations/layer, {images} images) + QuantSim defaults, "
+               "decode float", build("adaround", "aimet-adaround", True),
                note=f"AdaRound: {iterations} iterations per layer on the first {images} calibration images "
                     "(AIMET recommends 10000 iterations for 8-bit weights: hours on 2 cores), activation "
                     "ranges from all; its calibration s is the whole AdaRound + encodings + export run"),

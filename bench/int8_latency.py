@@ -67,7 +67,8 @@ def nncf_quantize(float_onnx: Path, out: Path, batches) -> Path:
     return out
 
 
-def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: int) -> tuple[dict, dict]:
+def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: int, finetune_steps: int = 0
+          ) -> tuple[dict, dict]:
     from edgeq.export.pipeline import Int8Request, export_model
     from edgeq.runtime.backends import load_backend
 
@@ -110,6 +111,18 @@ def build(weights: Path, imgsz: int, threads: int, folder: Path, calib_images: i
             "OpenVINO, edgeq int8-ov, fallback 0": load_backend(no_fb["ov"], threads=threads, precision="f32"),
             "OpenVINO, nncf.quantize defaults": load_backend(nn, threads=threads, precision="f32"),
         }
+        if finetune_steps:  # the same all-integer graphs with fine-tuned weights and learned scales
+            from edgeq.export.finetune import FinetuneOptions
+
+            t0 = time.perf_counter()
+            ft = export_model(weights, formats="onnx,openvino", out_dir=folder / "ft", imgsz=imgsz, force=True,
+                              int8=Int8Request(num_images=calib_images, progress=False, data=_calib(), fallback=0,
+                                               finetune=FinetuneOptions(steps=finetune_steps)))
+            timings[f"edgeq export --fallback 0 --finetune {finetune_steps}"] = time.perf_counter() - t0
+            runners["ONNX Runtime, edgeq int8-ort, fine-tuned, fallback 0"] = load_backend(
+                ft.artifacts["int8-ort"], threads=threads, spin=False)
+            runners["OpenVINO, edgeq int8-ov, fine-tuned, fallback 0"] = load_backend(
+                ft.artifacts["int8-ov-ir"], threads=threads, precision="f32")
     return runners, timings
 
 
@@ -137,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calib-images", type=int, default=64)
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="also time the fine-tuned all-integer graphs (export --fallback 0 --finetune N); their "
+                        "latency does not depend on N (same graph, other weights and scales)")
     p.add_argument("--json")
     args = p.parse_args(argv)
 
@@ -154,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         for model, imgsz in ((str(demo_weights()), 320), ("yolov5s-mobilenetv3-small", 640)):
             weights = Path(model) if model.endswith(".pt") else random_checkpoint(model, imgsz, folder)
-            runners, timings = build(weights, imgsz, args.threads, folder / weights.stem, args.calib_images)
+            runners, timings = build(weights, imgsz, args.threads, folder / weights.stem, args.calib_images,
+                                     args.finetune_steps)
             medians = measure(runners, imgsz, args.runs, args.warmup)
             title = f"{Path(model).name} at {imgsz}x{imgsz}"
             results[title] = {"medians_ms": medians, "build_s": timings}

@@ -32,15 +32,14 @@ log = logging.getLogger("edgeq")
 class FinetuneOptions:
     steps: int = 200
     batch: int = 8
-    lr: float = 1e-4  # Adam, cosine decay to 0 over the steps
+    lr: float = 3e-5  # Adam on weights and biases, cosine decay to 0 over the steps
     seed: int = 0
     flip: bool = True  # light augmentation: half the batches mirrored left-right
     jitter: float = 0.0  # and zoomed by a random factor in [1 - jitter, 1 + jitter], cropped or padded back
-    block_weight: float = 0.0  # weight of the block outputs' relative MSE beside the head loss (0: head only)
-    learn_scales: bool = False  # LSQ: train the activation scales too (log-parametrized, lr scale_lr)
+    block_weight: float = 1.0  # weight of the block outputs' relative MSE beside the head loss (0: head only)
+    learn_scales: bool = True  # LSQ: train the activation scales too (log-parametrized, lr scale_lr)
     scale_lr: float = 1e-3
     threads: int | None = None  # torch threads; None: torch's default (every core)
-
 
     @classmethod
     def from_record(cls, record: dict) -> FinetuneOptions:
@@ -223,8 +222,10 @@ def finetune(float_model, q_model, images: np.ndarray, opts: FinetuneOptions | N
     record = {
         **{k: v for k, v in asdict(opts).items() if k != "threads"},
         "images": int(len(images)),
-        "loss": ("detection distillation (sigmoid MSE, box and class weighted by the teacher's objectness)"
-                 if layout else "head-logit MSE / teacher mean square") + "; float model as teacher, no labels",
+        "loss": ("head: box (relative centre, log size), objectness and classes on the sigmoids, weighted by "
+                 "the teacher's objectness" if layout else "head: logit MSE / teacher mean square")
+                + (f"; + {opts.block_weight} x block outputs' relative MSE" if blocks else "")
+                + "; the float model is the teacher, no labels",
         "loss_first": round(float(np.mean(losses[: min(8, len(losses))])), 6),
         "loss_last": round(float(np.mean(losses[-8:])), 6),
         "seconds": round(time.perf_counter() - start, 1),

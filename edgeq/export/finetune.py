@@ -157,9 +157,12 @@ class _Teacher:
 
 
 def finetune(float_model, q_model, images: np.ndarray, opts: FinetuneOptions | None = None, *,
-             progress: bool = True, desc: str = "fine-tune") -> FinetuneResult:
+             progress: bool = True, desc: str = "fine-tune", init=None) -> FinetuneResult:
     """Train ``q_model``'s weights and biases (initialized from ``float_model`` and ``q_model``)
-    to reproduce ``float_model``'s head logits on ``images`` (N, 3, H, W float32 inputs)."""
+    to reproduce ``float_model``'s head logits on ``images`` (N, 3, H, W float32 inputs).
+
+    ``init``: a float ONNX of the same graph whose weights the student starts from instead of
+    ``float_model``'s (another flavour's fine-tuned weights); ``q_model`` must be quantized from it."""
     import torch
 
     from edgeq.export.qdq_torch import QdqModule, trained_float_model
@@ -176,7 +179,8 @@ def finetune(float_model, q_model, images: np.ndarray, opts: FinetuneOptions | N
     blocks = block_tensors(float_model.graph) if opts.block_weight else []
     start = time.perf_counter()
     teacher_model = _Teacher(float_model, heads + blocks)
-    student = QdqModule(q_model, heads + blocks, float_model, learn_scales=opts.learn_scales)
+    student = QdqModule(q_model, heads + blocks, init if init is not None else float_model,
+                        learn_scales=opts.learn_scales)
     layout = _outputs_per_anchor(float_model)
     threads = torch.get_num_threads()
     if opts.threads:

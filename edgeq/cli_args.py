@@ -26,6 +26,7 @@ EXAMPLES = {
   edgeq export best.pt --dynamic --half --force
   edgeq export model.onnx --format engine      # on a Jetson: build its own engine from the ONNX
   edgeq export best.pt --int8 --data images/ --format onnx,openvino,engine
+  edgeq export best.pt --int8 --data images/ --fallback 0 --finetune   # all-integer, fine-tuned (minutes)
   edgeq export best.pt --table best.calib.json --method entropy   # re-export INT8 without images""",
     "verify": """examples:
   edgeq verify best.pt out/best.int8-ort.onnx out/best.int8-ov.xml --data data.yaml --max-map-drop 1.0
@@ -178,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and take it out of its bias (default 32, about 10 s per flavour at 320; 0 turns it off)")
     q.add_argument("--finetune", type=_non_negative_int, nargs="?", const=FINETUNE_STEPS, metavar="STEPS",
                    help=f"train each flavour's own INT8 graph to reproduce the float model on the calibration images "
-                        f"(distillation, no labels; default {FINETUNE_STEPS} steps of 8 images when given without "
-                        "STEPS; 0: off, also when a --table recorded a fine-tune)")
+                        f"(distillation, no labels; weights and activation scales): STEPS steps of 8 images for the "
+                        f"first flavour (default {FINETUNE_STEPS}), half for the others, which start from its weights; "
+                        "minutes on a CPU (about 10 for the demo's three flavours on 2 cores); 0: off, also when a "
+                        "--table recorded a fine-tune")
     q.add_argument("--head-outputs", choices=("float", "per-channel", "per-tensor"),
                    help="the head convolutions' outputs (box and score logits): float (default: the head convolutions "
                         "run in float), per-channel (quantized with one range per channel: all-integer on ONNX Runtime, "

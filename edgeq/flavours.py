@@ -77,6 +77,8 @@ class Flavour:
     policy: Policy
     steps: tuple[str, ...] = ()
     uint8_weights: bool = False  # accepts --uint8-weights (weights stored as uint8, zero point 128)
+    # the flavour whose Q/DQ graph the fine-tune trains this one's weights on (None: its own graph)
+    finetune_on: str | None = None
 
     def onnx_name(self, stem: str) -> str:
         """The Q/DQ ONNX every flavour writes first."""
@@ -143,6 +145,10 @@ FLAVOURS: dict[str, Flavour] = {
                 default_fallback=8),
             steps=(BIAS_CORRECTION, HEAD_NORMALIZATION),
             uint8_weights=True,
+            # its weights fine-tuned on int8-ov's graph (same uint8 activations, Q/DQ on Conv inputs)
+            # lost 0.35 mAP50-95 points on ONNX Runtime, fine-tuned on its own whole-unit graph 0.59,
+            # although ONNX Runtime's distillation loss was lower for the latter (docs/BENCHMARKS.md)
+            finetune_on="int8-ov",
         ),
         # OpenVINO: measured on the demo model at 320 (docs/BENCHMARKS.md): Q/DQ on Conv/MatMul
         # inputs only ran as fast as adding Add/Concat inputs and faster than NNCF's graph, with

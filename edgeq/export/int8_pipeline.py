@@ -182,50 +182,50 @@ def _quantize_all(model, table, flavour_list, options, bias_batches, times, prog
 
 
 def _finetune_all(model, table, flavour_list, options, quantized: dict, batches, request: Int8Request, times) -> dict:
-    """Train each flavour's own Q/DQ graph against the float model, then quantize the trained
-    float weights again with the same table: the artifact is the graph that was trained.
+    """Fine-tune the flavours' weights against the float model, then quantize the trained float
+    weights again with the same table: the artifact is the graph that was trained.
 
-    The flavour with the fewest Q/DQ pairs trains first, from the float weights, for the full
-    steps (the cheapest graph, and on the demo the one whose weights suit the others best); each
-    other flavour starts from its trained weights and trains half the steps on its own graph.
+    Each flavour trains on its own Q/DQ graph, except one whose record names another
+    (``Flavour.finetune_on``): it takes the weights trained on that flavour's graph (made here,
+    without bias correction, when that flavour is not being exported) and the table's scales.
     """
-    from dataclasses import replace
-
     import numpy as np
 
+    from edgeq import flavours
     from edgeq.export.finetune import finetune
-    from edgeq.export.int8 import quantize_model
+    from edgeq.export.int8 import Int8Options, quantize_model
 
     if not batches:
         raise EdgeqError("the fine-tune needs calibration images, and none were read")
     images = np.concatenate(batches)
-    records, out = {}, {}
-    order = sorted(flavour_list, key=lambda f: sum(n.op_type == "QuantizeLinear" for n in quantized[f.name][0].graph.node))
-    first = None
-    for f in order:
-        q, report = quantized[f.name]
-        opts = request.finetune
-        if first is not None:
-            with times("q/dq"):
-                q, _ = quantize_model(first.model, table, f, options[f.name])
-            opts = replace(opts, steps=max(1, opts.steps // 2))
-        with times("fine-tune"):
-            trained = finetune(model, q, images, opts, progress=request.progress, desc=f"fine-tune {f.name}",
-                               init=None if first is None else first.model)
-        if first is None:
-            first = trained
+    wanted = {f.name: flavours.get(f.finetune_on) if f.finetune_on else f for f in flavour_list}
+    trained_on: dict = {}
+    for target in {t.name: t for t in wanted.values()}.values():
+        if target.name in quantized:
+            q = quantized[target.name][0]
         else:
-            trained.record["start"] = f"{order[0].name}'s fine-tuned weights"
-        options[f.name].scales = trained.scales  # learned activation scales (None: the table's)
+            with times("q/dq"):
+                q, _ = quantize_model(model, table, target, Int8Options(method=request.method, percentile=request.percentile,
+                                                                        exclude=request.exclude))
+        with times("fine-tune"):
+            trained_on[target.name] = finetune(model, q, images, request.finetune, progress=request.progress,
+                                               desc=f"fine-tune {target.name}")
+    records, out = {}, {}
+    for f in flavour_list:
+        _, report = quantized[f.name]
+        trained = trained_on[wanted[f.name].name]
+        own = wanted[f.name].name == f.name
+        options[f.name].scales = trained.scales if own else None  # learned activation scales (None: the table's)
         with times("q/dq"):
             q, new_report = quantize_model(trained.model, table, f, options[f.name])
+        record = {**trained.record, **({} if own else {"trained_on": wanted[f.name].name})}
         new_report.bias_corrected = report.bias_corrected  # the corrected biases were the fine-tune's start
-        new_report.finetune = {**trained.record, "learned_scales": len(trained.scales or {})}
+        new_report.finetune = {**record, "learned_scales": len(options[f.name].scales or {})}
         out[f.name] = (q, new_report)
-        records[f.name] = {**trained.record, **({"scales": trained.scales} if trained.scales else {})}
-        log.info("%s: fine-tuned %d steps on %d images in %.0f s, distillation loss %.4f -> %.4f", f.name,
-                 trained.record["steps"], trained.record["images"], trained.record["seconds"],
-                 trained.record["loss_first"], trained.record["loss_last"])
+        records[f.name] = {**record, **({"scales": trained.scales} if own and trained.scales else {})}
+        log.info("%s: fine-tuned %d steps on %s's graph, %d images, %.0f s, distillation loss %.4f -> %.4f", f.name,
+                 record["steps"], wanted[f.name].name, record["images"], record["seconds"], record["loss_first"],
+                 record["loss_last"])
     table.extra["finetune"] = records
     return out
 

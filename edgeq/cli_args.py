@@ -179,9 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and take it out of its bias (default 32, about 10 s per flavour at 320; 0 turns it off)")
     q.add_argument("--finetune", type=_non_negative_int, nargs="?", const=FINETUNE_STEPS, metavar="STEPS",
                    help=f"train each flavour's own INT8 graph to reproduce the float model on the calibration images "
-                        f"(distillation, no labels; weights and activation scales): STEPS steps of 8 images for the "
-                        f"first flavour (default {FINETUNE_STEPS}), half for the others, which start from its weights; "
-                        "minutes on a CPU (about 10 for the demo's three flavours on 2 cores); 0: off, also when a "
+                        f"(distillation, no labels; weights and activation scales): STEPS steps of 8 images per "
+                        f"trained graph (default {FINETUNE_STEPS}); about 10 minutes for the demo on 2 cores; 0: off, also when a "
                         "--table recorded a fine-tune")
     q.add_argument("--head-outputs", choices=("float", "per-channel", "per-tensor"),
                    help="the head convolutions' outputs (box and score logits): float (default: the head convolutions "

@@ -10,7 +10,7 @@
 #   python scripts/bundle_demo.py $WORK/runs/yolov5n-256/best.pt 256 --out bench/assets/yolov5n-shapes.pt
 set -euo pipefail
 WORK=${WORK:-$HOME/edgeq-work}
-EPOCHS=${EPOCHS:-16}
+EPOCHS=${EPOCHS:-10}
 DATA=$WORK/shapes-s0-256-2k
 RUN=$WORK/runs/yolov5n-256
 if [ ! -f "$DATA/data.yaml" ]; then

@@ -15,7 +15,6 @@ The recipe (steps, batch, learning rate, loss) was chosen by measurement on the 
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +23,6 @@ from typing import Sequence
 import numpy as np
 
 from edgeq.errors import EdgeqError
-
-log = logging.getLogger("edgeq")
 
 
 @dataclass
@@ -76,7 +73,7 @@ def head_loss(student: Sequence, teacher: Sequence, outputs_per_anchor: int | No
         weight = pt[:, :, 4:5]
         size = (2 * pt[:, :, 2:4]) ** 2  # the decode: width, height = (2 sigmoid)^2 x anchor
         centre = (2 * (ps[:, :, 0:2] - pt[:, :, 0:2]) / size.clamp_min(0.05)) ** 2
-        extent = (2 * (torch_log(ps[:, :, 2:4]) - torch_log(pt[:, :, 2:4]))) ** 2
+        extent = (2 * (_safe_log(ps[:, :, 2:4]) - _safe_log(pt[:, :, 2:4]))) ** 2
         box = ((centre + extent) * weight).sum()
         obj = ((ps[:, :, 4] - pt[:, :, 4]) ** 2).sum()
         cls = (((ps[:, :, 5:] - pt[:, :, 5:]) ** 2) * weight).sum()
@@ -84,7 +81,8 @@ def head_loss(student: Sequence, teacher: Sequence, outputs_per_anchor: int | No
     return total / len(student)
 
 
-def torch_log(x):
+def _safe_log(x):
+    """log, floored at 1e-6 (a sigmoid that underflowed to 0)."""
     return x.clamp_min(1e-6).log()
 
 

@@ -73,15 +73,16 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
     from edgeq.export.calib_table import CalibrationTable, calibrate
     from edgeq.export.int8 import Int8Options
 
-    request = _with_recorded_finetune(request)
+    reused = CalibrationTable.load(request.table) if request.table is not None else None
+    request = _with_recorded_finetune(request, reused)
     fallbacks = {f.name: request.fallback_for(f) for f in flavour_list}
     keep = max(request.bias_images, SENSITIVITY_IMAGES if any(fallbacks.values()) else 0)
     if request.finetune is not None:  # the fine-tune trains on every calibration image
         keep = max(keep, request.num_images)
     image_dir = _images(request, own_model, request.table is None or keep > 0)
     with times("calibration"):
-        if request.table is not None:
-            table = CalibrationTable.load(request.table)
+        if reused is not None:
+            table = reused
             batches = _first_batches(image_dir, keep, float_onnx) if keep else []
         else:
             table, batches = calibrate(float_onnx, image_dir, num_images=request.num_images,
@@ -115,21 +116,19 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
                     workspace_gb=workspace_gb)
 
 
-def _with_recorded_finetune(request: Int8Request) -> Int8Request:
-    """A reused table that records a fine-tune repeats it (same steps, images, seed) unless
+def _with_recorded_finetune(request: Int8Request, table) -> Int8Request:
+    """A reused ``table`` that records a fine-tune repeats it (same steps, images, seed) unless
     the request says otherwise; ``steps=0`` turns the fine-tune off."""
     from dataclasses import replace
 
-    from edgeq.export.calib_table import CalibrationTable
     from edgeq.export.finetune import FinetuneOptions
 
     finetune = request.finetune
-    if finetune is None and request.table is not None:
-        records = CalibrationTable.load(request.table).extra.get("finetune") or {}
-        if records:
-            finetune = FinetuneOptions.from_record(next(iter(records.values())))
-            log.info("the table records a fine-tune: repeating it (%d steps, seed %d); --finetune 0 skips it",
-                     finetune.steps, finetune.seed)
+    records = (table.extra.get("finetune") or {}) if table is not None else {}
+    if finetune is None and records:
+        finetune = FinetuneOptions.from_record(next(iter(records.values())))
+        log.info("the table records a fine-tune: repeating it (%d steps, seed %d); --finetune 0 skips it",
+                 finetune.steps, finetune.seed)
     if finetune is not None and finetune.steps == 0:
         finetune = None
     return replace(request, finetune=finetune)

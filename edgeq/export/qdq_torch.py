@@ -323,11 +323,11 @@ def _needed(graph, outputs: list[str]) -> list:
     while stack:
         name = stack.pop()
         node = producer.get(name)
-        if node is None or node.name in wanted:
-            if node is None and name not in outputs:
-                continue
-            if node is None:
+        if node is None:  # a constant or the graph input: fine, unless it was asked for
+            if name in outputs:
                 raise EdgeqError(f"no node of the graph computes {name}")
+            continue
+        if node.name in wanted:
             continue
         wanted.add(node.name)
         stack.extend(n for n in node.input if n)

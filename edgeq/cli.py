@@ -158,6 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             uint8_weights=args.uint8_weights,
             bias_images=args.bias_correction,
             head_outputs=args.head_outputs,
+            ov_precision=args.ov_precision,
             finetune=None if args.finetune is None else FinetuneOptions(steps=args.finetune),
         )
     parity = ParityRequest(data=Path(args.data) if args.data else None, num_images=args.num_images,
@@ -229,7 +230,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     images = load_sample_images(args.images or calib_dir(), args.num_images) if args.num_images else []
     report = verify(weights, artifacts, args.data or demo_data_yaml(), max_map_drop=args.max_map_drop,
                     parity_images=images, layers=5 if args.layers else 0, threads=args.threads,
-                    trust=args.trust_checkpoint)
+                    trust=args.trust_checkpoint, latency_runs=args.latency_runs, min_speedup=args.min_speedup)
     print(f"{report['images']} labelled images ({report['data']}); drops in mAP points (0-100), "
           "parity against the PyTorch float model:")
     print(format_verify_table(report))
@@ -239,8 +240,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         print(f"wrote {write_report(report, args.report)}")
     if not report["passed"]:
-        bad = [Path(a["artifact"]).name for a in report["artifacts"] if not a["passed"]]
-        print(f"FAILED: {', '.join(bad)} lost more than {args.max_map_drop:g} mAP50-95 points")
+        budget = args.max_map_drop
+        lost = [Path(a["artifact"]).name for a in report["artifacts"] if budget is not None and a["drop50_95"] > budget]
+        slow = [Path(a["artifact"]).name for a in report["artifacts"] if not (a["latency"] or {}).get("passed", True)]
+        if lost:
+            print(f"FAILED: {', '.join(lost)} lost more than {budget:g} mAP50-95 points")
+        if slow:
+            print(f"FAILED: {', '.join(slow)} not at least {args.min_speedup:g}x faster than the float model at its "
+                  "backend's default precision")
         return 1
     return 0
 

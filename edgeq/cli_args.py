@@ -27,10 +27,12 @@ EXAMPLES = {
   edgeq export model.onnx --format engine      # on a Jetson: build its own engine from the ONNX
   edgeq export best.pt --int8 --data images/ --format onnx,openvino,engine
   edgeq export best.pt --int8 --data images/ --fallback 0 --finetune   # all-integer, fine-tuned (minutes)
+  edgeq export best.pt --int8 --data images/ --ov-precision default    # int8-ov's float ops in bf16 where the CPU has it
   edgeq export best.pt --table best.calib.json --method entropy   # re-export INT8 without images""",
     "verify": """examples:
   edgeq verify best.pt out/best.int8-ort.onnx out/best.int8-ov.xml --data data.yaml --max-map-drop 1.0
   edgeq verify best.pt out/best.int8-ort.onnx --layers --json verify.json
+  edgeq verify best.pt out/best.int8-ov.xml --min-speedup 1.2   # fail unless 1.2x faster than float (bf16/f32)
   edgeq verify best.int8-trt.engine --reference best.onnx --data data.yaml   # on a Jetson, no PyTorch""",
     "parity": """examples:
   edgeq parity best.pt exported/best.onnx exported/best.xml
@@ -186,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the head convolutions' outputs (box and score logits): float (default: the head convolutions "
                         "run in float), per-channel (quantized with one range per channel: all-integer on ONNX Runtime, "
                         "a little faster, a little less accurate), per-tensor (one scale: loses points)")
+    q.add_argument("--ov-precision", choices=("f32", "default", "bf16", "f16"), default="f32",
+                   help="int8-ov: the OpenVINO precision of the ops left float, recorded in the IR so that edgeq "
+                        "verify, run and the Detector all run it so: f32 (default: the most accurate), default "
+                        "(OpenVINO's own choice: bf16 on CPUs that have it, faster, ~0.1 point less on the demo)")
     q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
     q.add_argument("--uint8-weights", action="store_true",
                    help="int8-ort only: store the weights as uint8 (zero point 128, same values) so that ONNX Runtime "
@@ -206,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-map-drop", type=float,
                    help="budget in mAP50-95 points (0-100 scale): exit 1 when an artifact loses more")
     p.add_argument("--layers", action="store_true", help="list the 5 layers with the lowest SNR per INT8 ONNX artifact")
+    p.add_argument("--min-speedup", type=float, metavar="S",
+                   help="fail (exit 1) when an INT8 artifact is not at least S times faster than the float model on the "
+                        "same backend at its default precision (OpenVINO: bf16 on CPUs that have it), e.g. 1.2")
+    p.add_argument("--latency-runs", type=_non_negative_int, default=50, metavar="N",
+                   help="timed runs per model for the latency table, interleaved after 10 warm-up runs (default 50; "
+                        "0 skips the latency)")
     p.add_argument("--report", help="also write a self-contained report page: report.html or report.md")
     p.add_argument("--images", help="images for parity and --layers (default: the bundled calib_data/)")
     p.add_argument("--num-images", type=int, default=16, help="parity images (default 16; 0 skips parity)")

@@ -31,6 +31,7 @@ NORMALIZED_SUFFIX = "_normalized"  # a head conv with per-channel ranges writes 
 
 INT8_META = "edgeq.int8"  # JSON record of an INT8 artifact's calibration and placement
 FLAVOUR_META = "edgeq.flavour"
+OV_PRECISION_META = "edgeq.ov_precision"  # the OpenVINO precision an INT8 IR's float ops are meant to run at
 
 
 def float_name(tensor: str) -> str:

@@ -1,7 +1,8 @@
 """The verification report: one self-contained page (Markdown or HTML) a person can read and forward.
 
-It holds the verdict against the budget, the table of backends (accuracy, drop, parity, time
-per image), the SNR of every layer (worst first), histograms of the output errors, each INT8
+It holds the verdict against the budgets, the table of backends (accuracy, drop, parity, time
+per image), each INT8 artifact's latency against the float model at the backend's default
+precision, the SNR of every layer (worst first), histograms of the output errors, each INT8
 artifact's calibration settings and the versions of every backend. Charts are inline SVG
 (:mod:`edgeq.svg`): the HTML page has no script, no external resource and no plotting dependency.
 """
@@ -33,9 +34,20 @@ def versions() -> dict[str, str]:
 
 
 def _verdict(report: dict) -> str:
-    if report.get("max_map_drop") is None:
+    budgets = []
+    if report.get("max_map_drop") is not None:
+        budgets.append(f"{report['max_map_drop']:g} mAP50-95 points")
+    if report.get("min_speedup") is not None:
+        budgets.append(f"at least {report['min_speedup']:g}x faster than float")
+    if not budgets:
         return "no budget given"
-    return ("PASS" if report["passed"] else "FAIL") + f" (budget: {report['max_map_drop']:g} mAP50-95 points)"
+    return ("PASS" if report["passed"] else "FAIL") + f" (budget: {', '.join(budgets)})"
+
+
+def _latency():
+    from edgeq.latency import latency_rows, latency_summary
+
+    return latency_rows, latency_summary
 
 
 def _table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -55,6 +67,12 @@ def to_markdown(report: dict) -> str:
              "## Backends", ""]
     header, rows = _table(report)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+    latency_rows, latency_summary = _latency()
+    latency = latency_rows(report)
+    if latency:
+        lines += ["", "## Latency against float", "", latency_summary(report) + ".", "",
+                  "| " + " | ".join(latency[0]) + " |", "|" + "---|" * len(latency[0]),
+                  *("| " + " | ".join(r) + " |" for r in latency[1:])]
     for a in report["artifacts"]:
         if a["worst_layers"]:
             lines += ["", f"## Worst layers of `{Path(a['artifact']).name}`", "",
@@ -104,6 +122,12 @@ def to_html(report: dict) -> str:
         "size; rel L2 and agreement from the parity images; ms/image inside the backend during evaluation.</p>",
         "<h2>Backends</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + f"</tr>{rows}</table>",
     ]
+    latency_rows, latency_summary = _latency()
+    latency = latency_rows(report)
+    if latency:
+        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in latency[1:])
+        parts.append(f"<h2>Latency against float</h2><p>{esc(latency_summary(report))}.</p><table><tr>"
+                     + "".join(f"<th>{esc(h)}</th>" for h in latency[0]) + f"</tr>{body}</table>")
     for a in report["artifacts"]:
         name = Path(a["artifact"]).name
         if a["worst_layers"]:

@@ -2,8 +2,10 @@
 
 For every artifact: mAP50 and mAP50-95 on labelled data through the one preprocessing and NMS
 path, the drop against the PyTorch float checkpoint in mAP points (0-100 scale), tensor parity
-and detection agreement on sample images, and optionally the layers that lose the most (SNR of
-every Conv output against the float ONNX). A drop above the budget fails the run.
+and detection agreement on sample images, optionally the layers that lose the most (SNR of
+every Conv output against the float ONNX), and the latency of each INT8 artifact next to the float
+model on the same backend at its default precision (:mod:`edgeq.latency`). A drop above the
+budget, or a speed-up below ``min_speedup``, fails the run.
 """
 
 from __future__ import annotations
@@ -37,17 +39,14 @@ class ArtifactScore:
     passed: bool = True
     ms_per_image: float | None = None  # inside the backend during evaluation (batch 1, not a benchmark)
     calibration: dict = field(default_factory=dict)  # what an INT8 artifact records about its calibration
-
-
-def _artifact_options(path: str) -> dict:
-    return {"precision": "f32"} if path.endswith(".xml") else {}
+    latency: dict = field(default_factory=dict)  # edgeq.latency.latency_entry: ms, float baselines, speed-up
 
 
 def evaluate_artifact(path: str, dataset, *, threads: int | None = None, progress: bool = True) -> dict:
     from edgeq.runtime.detector import Detector
     from edgeq.runtime.evaluate import evaluate
 
-    with Detector(path, threads=threads, **_artifact_options(path)) as det:
+    with Detector(path, threads=threads) as det:  # OpenVINO: the recorded precision, else f32
         if len(det.names) != len(dataset.names):
             raise EdgeqError(f"{path} predicts {len(det.names)} classes but the data set has {len(dataset.names)}")
         batch = det.backend.inputs[0].shape[0] if det.backend.inputs[0].is_static(0) else 8
@@ -154,11 +153,14 @@ def verify(
     threads: int | None = None,
     progress: bool = True,
     trust: bool = False,
+    latency_runs: int = 50,
+    min_speedup: float | None = None,
 ) -> dict:
     """Score ``artifacts`` against the float ``weights`` on the labelled ``data``; see the module doc.
 
     ``weights`` is the PyTorch checkpoint, or on a device without PyTorch the float artifact
-    (e.g. ``best.onnx``) the INT8 ones are compared with.
+    (e.g. ``best.onnx``) the INT8 ones are compared with. ``latency_runs``: timed runs per model
+    (0: no latency); ``min_speedup``: the least speed-up over float an INT8 artifact must show.
     """
     from edgeq.data.yolo import YoloDataset
     from edgeq.graph import int8_record
@@ -166,6 +168,8 @@ def verify(
 
     if not artifacts:
         raise EdgeqError("verify needs at least one artifact (.onnx, .xml, .engine)")
+    if min_speedup is not None and latency_runs <= 0:
+        raise EdgeqError("--min-speedup needs the latency measurement; do not combine it with --latency-runs 0")
     for a in artifacts:
         if not Path(a).exists():
             raise EdgeqError(f"{a} does not exist")
@@ -215,6 +219,8 @@ def verify(
         if max_map_drop is not None:
             score.passed = score.drop50_95 <= max_map_drop
         scores.append(score)
+    if latency_runs > 0:
+        _time_artifacts(scores, weights, parity_images, latency_runs, min_speedup, threads, progress)
     first = next(iter(references.values()))
     return {
         "weights": str(weights),
@@ -223,9 +229,24 @@ def verify(
         "float": {"map50": first["map50"], "map50_95": first["map50_95"], "imgsz": next(iter(references))},
         "float_by_imgsz": {str(k): {"map50": v["map50"], "map50_95": v["map50_95"]} for k, v in references.items()},
         "max_map_drop": max_map_drop,
+        "min_speedup": min_speedup,
         "artifacts": [s.__dict__ for s in scores],
         "passed": all(s.passed for s in scores),
     }
+
+
+def _time_artifacts(scores: list[ArtifactScore], weights, images, runs: int, min_speedup: float | None,
+                    threads: int | None, progress: bool) -> None:
+    """Fill each score's ``latency``: all artifacts and their float baselines timed in one interleaved run."""
+    from edgeq.latency import latency_entry, measure, plan_for
+
+    plans = [plan_for(s.artifact, s.backend, float_onnx_of(s.artifact, s.calibration, weights),
+                      flavours.is_int8(s.flavour)) for s in scores]
+    models = [m for p in plans for m in [p.artifact, *(b.model for b in p.baselines)]]
+    timed = measure(models, list(images), runs=runs, threads=threads, progress=progress)
+    for score, plan in zip(scores, plans):
+        score.latency = latency_entry(plan, timed, min_speedup if flavours.is_int8(score.flavour) else None)
+        score.passed = score.passed and score.latency["passed"]
 
 
 def table_rows(report: dict, *, timing: bool = False) -> list[list[str]]:
@@ -243,7 +264,8 @@ def table_rows(report: dict, *, timing: bool = False) -> list[list[str]]:
     for s in report["artifacts"]:
         out = (s["parity"].get("outputs") or [{}])[0]
         agree = s["parity"].get("agreement") or {}
-        verdict = "" if report["max_map_drop"] is None else ("ok" if s["passed"] else "FAIL")
+        budget = report["max_map_drop"]
+        verdict = "" if budget is None else ("ok" if s["drop50_95"] <= budget else "FAIL")
         ms = s.get("ms_per_image")
         rows.append([
             Path(s["artifact"]).name, s["backend"], s["flavour"], f"{s['map50']:.4f}", f"{s['map50_95']:.4f}",
@@ -260,6 +282,14 @@ def format_verify_table(report: dict) -> str:
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    from edgeq.latency import latency_rows, latency_summary
+
+    latency = latency_rows(report)
+    if latency:
+        widths = [max(len(r[j]) for r in latency) for j in range(len(latency[0]))]
+        lines.append(f"\nlatency ({latency_summary(report)}):")
+        lines += ["  ".join(c.ljust(w) if j in (0, 1, 3, 4) else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+                  for r in latency]
     for s in report["artifacts"]:
         if s["worst_layers"]:
             lines.append(f"\nworst layers of {Path(s['artifact']).name} (SNR of the Conv output vs float):")

@@ -156,6 +156,35 @@ class TestOpenVINO(BackendContract):
         runner.close()
 
 
+def _ir_recording(src: Path, out: Path, precision: str) -> Path:
+    """A copy of the IR ``src`` whose rt_info records ``edgeq.ov_precision`` (as edgeq export writes it)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src))
+    model.set_rt_info(precision, ["edgeq", "edgeq.ov_precision"])
+    ov.save_model(model, str(out), compress_to_fp16=False)
+    return out
+
+
+def test_openvino_runs_at_the_recorded_precision(runtime_artifacts: RuntimeArtifacts, tmp_path):
+    """precision=None takes edgeq.ov_precision from the artifact (what export chose, so what verify
+    measured is what the runtime runs); an explicit precision wins; a float IR with no record runs f32."""
+    from edgeq.runtime.backends.openvino import OpenVINOBackend
+
+    with OpenVINOBackend(runtime_artifacts.xml, threads=1) as plain:
+        assert plain.precision == "f32" and plain.inference_precision == "f32"
+    recorded = _ir_recording(runtime_artifacts.xml, tmp_path / "default.xml", "default")
+    with OpenVINOBackend(recorded, threads=1) as runner:
+        assert runner.precision == "default"
+        assert runner.inference_precision in ("bf16", "f16", "f32")  # the plugin's own choice for this CPU
+        assert runner.meta.names == runtime_artifacts.names
+    with OpenVINOBackend(recorded, threads=1, precision="f32") as runner:
+        assert runner.precision == "f32" and runner.inference_precision == "f32"
+    broken = _ir_recording(runtime_artifacts.xml, tmp_path / "broken.xml", "int3")
+    with pytest.raises(EdgeqError, match=r"broken\.xml: metadata edgeq\.ov_precision OpenVINO precision must be one of"):
+        OpenVINOBackend(broken, threads=1).load()
+
+
 class TestTorch(BackendContract):
     backend_name = "torch"
     rel_l2_max = 1e-6
@@ -314,7 +343,7 @@ def test_backend_override_and_mismatch(runtime_artifacts: RuntimeArtifacts):
         load_backend(runtime_artifacts.onnx, backend="tflite")
     with pytest.raises(EdgeqError, match=r"precision= is an OpenVINO option"):
         load_backend(runtime_artifacts.onnx, precision="bf16")
-    with pytest.raises(EdgeqError, match=r"precision must be one of f32, bf16, f16, got 'int4'"):
+    with pytest.raises(EdgeqError, match=r"precision= OpenVINO precision must be one of f32, bf16, f16, default, got 'int4'"):
         load_backend(runtime_artifacts.xml, precision="int4")
 
 

@@ -88,13 +88,15 @@ def int8_record(table: CalibrationTable, flavour: Flavour, opts: Int8Options, re
     }
 
 
-def write_int8(q_model, flavour: Flavour, record: dict, out_path: str | Path) -> Path:
-    """Stamp the flavour and its record on ``q_model`` and write it atomically."""
+def write_int8(q_model, flavour: Flavour, record: dict, out_path: str | Path, props: dict[str, str] | None = None
+               ) -> Path:
+    """Stamp the flavour, its record and ``props`` (more ``edgeq.*`` keys) on ``q_model`` and
+    write it atomically."""
     import onnx
 
     from edgeq.utils.files import atomic_path
 
-    set_metadata(q_model, {FLAVOUR_META: flavour.name, INT8_META: json.dumps(record)})
+    set_metadata(q_model, {FLAVOUR_META: flavour.name, INT8_META: json.dumps(record), **(props or {})})
     out_path = Path(out_path)
     try:
         with atomic_path(out_path) as tmp:

@@ -38,6 +38,7 @@ class Int8Request:
     uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
     bias_images: int = 32  # calibration images the bias correction is measured on; 0: no correction
     head_outputs: str | None = None  # the head convolutions' outputs (float, per-channel, per-tensor); None: the flavour's
+    ov_precision: str = "f32"  # int8-ov: OpenVINO precision of the ops left float, recorded as edgeq.ov_precision
     finetune: object | None = None  # FinetuneOptions: train each flavour's Q/DQ graph on the calibration images
     progress: bool = True
 
@@ -110,7 +111,7 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
             result.artifacts["table"] = table.save(paths["table"])  # now with the fine-tune's record
     with times("q/dq"):
         _write_all(float_onnx, table, flavour_list, options, quantized, len(batches[:request.bias_images]), paths,
-                   result)
+                   result, request)
     for flavour in flavour_list:
         _post_steps(flavour, float_onnx, table, paths, result, times, request, batch=batch, dynamic=dynamic,
                     workspace_gb=workspace_gb)
@@ -229,16 +230,23 @@ def _finetune_all(model, table, flavour_list, options, quantized: dict, batches,
     return out
 
 
-def _write_all(float_onnx: Path, table, flavour_list, options, quantized: dict, bias_images: int, paths, result) -> None:
-    """Write each flavour's artifact with its record (atomically)."""
+def _write_all(float_onnx: Path, table, flavour_list, options, quantized: dict, bias_images: int, paths, result,
+               request: Int8Request) -> None:
+    """Write each flavour's artifact with its record (atomically); an OpenVINO flavour also
+    records the precision its float ops run at, which the runtime then uses."""
     from edgeq.export.int8 import int8_record, write_int8
+    from edgeq.graph import OV_PRECISION_META
     from edgeq.utils.files import file_sha256
 
     float_sha256 = file_sha256(float_onnx)
     for f in flavour_list:
         q, report = quantized.pop(f.name)
         record = int8_record(table, f, options[f.name], report, float_onnx, float_sha256, bias_images)
-        result.artifacts[f.name] = write_int8(q, f, record, paths[f.name])
+        props = {}
+        if f.backend == "openvino":
+            record["ov_precision"] = request.ov_precision
+            props[OV_PRECISION_META] = request.ov_precision
+        result.artifacts[f.name] = write_int8(q, f, record, paths[f.name], props)
         result.int8_reports[f.name] = report
 
 

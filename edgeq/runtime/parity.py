@@ -301,8 +301,9 @@ def check_artifacts(
     backend such as the export's own PyTorch model) on the same images; ``histograms``: see
     :func:`parity_check`.
 
-    The reference runs at each artifact's input size; OpenVINO artifacts run with an explicit
-    f32 hint, so the comparison is against float, never OpenVINO's default bf16.
+    The reference runs at each artifact's input size; OpenVINO artifacts run at the precision
+    they record (``edgeq.ov_precision``: what the runtime will run), else with an explicit f32
+    hint, so a float IR is compared as float, never in OpenVINO's default bf16.
     """
     from edgeq.runtime.detector import Detector
 
@@ -310,8 +311,7 @@ def check_artifacts(
     results: dict[str, ParityResult] = {}
     cache: dict = {}  # the reference runs once per input size
     for artifact in artifacts:
-        options = {"precision": "f32"} if str(artifact).endswith(".xml") else {}
-        with Detector(artifact, threads=threads, **options) as candidate:
+        with Detector(artifact, threads=threads) as candidate:  # at the precision it records, else f32
             ref = Detector(reference, imgsz=candidate.imgsz)
             try:
                 results[str(artifact)] = parity_check(ref, candidate, images, cache=cache, histograms=histograms)

@@ -73,10 +73,9 @@ def run_source(
     from edgeq.utils.files import atomic_write_bytes, atomic_write_text, check_writable_dir
 
     out = check_writable_dir(Path(save_dir)) if save_dir else None
-    load_opts = {"precision": "f32"} if str(model).endswith(".xml") else {}
     records: list[dict] = []
     n_images = n_saved = 0
-    with Detector(model, conf_thres=conf_thres, iou_thres=iou_thres, threads=threads, **load_opts) as det:
+    with Detector(model, conf_thres=conf_thres, iou_thres=iou_thres, threads=threads) as det:
         for name, image in iter_source(source):
             boxes = det([image])[0]
             n_images += 1

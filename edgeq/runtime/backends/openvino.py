@@ -1,10 +1,14 @@
 """OpenVINO backend (CPU): runs an IR (``.xml`` + ``.bin``) or an ``.onnx`` file directly.
 
-``INFERENCE_PRECISION_HINT`` is always set explicitly: on CPUs with AMX/AVX512-BF16 OpenVINO
-otherwise picks bf16 on its own, and a float model would then "fail" parity for reasons that
-have nothing to do with the export. ``precision="bf16"``/``"f16"`` asks for the fast path on
-purpose; :attr:`inference_precision` reports what the plugin actually chose (CPUs without
-the instructions fall back to f32, and we warn about it).
+The precision of the ops that run in float is chosen on purpose, never left to chance: on CPUs
+with AMX/AVX512-BF16 OpenVINO picks bf16 on its own, and a float model would then "fail" parity
+for reasons that have nothing to do with the export. With ``precision=None`` the backend takes
+what the artifact records (``edgeq.ov_precision``, written by ``edgeq export`` for INT8 IRs, so
+that what ``edgeq verify`` measured is what the runtime runs), else f32. ``"bf16"``/``"f16"``
+ask for the fast path; ``"default"`` sets no hint and takes the plugin's own choice (bf16 on
+CPUs that have it): the float model a user gets by default. :attr:`inference_precision` reports
+what the plugin actually chose (CPUs without the instructions fall back to f32; a warning says so
+when a precision was asked for).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from edgeq.errors import EdgeqError
+from edgeq.graph import OV_PRECISION_META
 from edgeq.runtime.backends.base import META_PREFIX, Backend, TensorSpec, import_backend_package, parse_meta
 
-PRECISIONS = ("f32", "bf16", "f16")
+PRECISIONS = ("f32", "bf16", "f16", "default")
+PRECISION_META = OV_PRECISION_META.removeprefix(META_PREFIX)  # the key as ModelMeta.extra holds it
 # IRs written by edgeq keep metadata under rt_info["edgeq"]; an ONNX read by OpenVINO exposes
 # its metadata_props under rt_info["framework"].
 _RT_SECTIONS = ("edgeq", "framework")
@@ -31,10 +37,9 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, path: str | Path, *, threads: int | None = None, precision: str | None = None):
         super().__init__(path, threads=threads)
-        precision = "f32" if precision is None else str(precision).lower()
-        if precision not in PRECISIONS:
-            raise EdgeqError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        precision = None if precision is None else _checked(str(precision).lower(), "precision=")
+        self.requested = precision
+        self.precision = precision or "f32"  # settled in _load_impl, once the metadata is read
         self.inference_precision: str | None = None
         self._compiled: Any = None
         self._request: Any = None
@@ -53,7 +58,12 @@ class OpenVINOBackend(Backend):
             raise EdgeqError(f"OpenVINO cannot read {self.path}: {_last_line(exc)}") from None
 
         self._meta = parse_meta(self._rt_props(model), str(self.path))
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "LATENCY"}
+        if self.requested is None and PRECISION_META in self._meta.extra:
+            self.precision = _checked(str(self._meta.extra[PRECISION_META]).lower(),
+                                      f"{self.path.name}: metadata edgeq.{PRECISION_META}")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.precision != "default":
+            config["INFERENCE_PRECISION_HINT"] = self.precision
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = self.threads
         try:
@@ -66,7 +76,7 @@ class OpenVINOBackend(Backend):
 
         used = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         self.inference_precision = used.get_type_name() if hasattr(used, "get_type_name") else str(used)
-        if self.inference_precision != self.precision:
+        if self.precision != "default" and self.inference_precision != self.precision:
             warnings.warn(
                 f"OpenVINO runs {self.path.name} in {self.inference_precision}, not the requested {self.precision}: "
                 "this CPU lacks the instructions for it",
@@ -111,6 +121,12 @@ class OpenVINOBackend(Backend):
     def _close_impl(self) -> None:
         self._request = None
         self._compiled = None
+
+
+def _checked(precision: str, what: str) -> str:
+    if precision not in PRECISIONS:
+        raise EdgeqError(f"{what} OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
 
 
 def _last_line(exc: BaseException) -> str:

@@ -61,6 +61,8 @@ def test_map_budget_separates_bad_from_default_calibration(data, tmp_path):
     assert "PASS" in page and f"{STEM}.int8-ort.onnx" in page and "percentile" in page and "onnxruntime" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "Output error of" in page and page.count("<svg") == 4  # the SNR bars + 3 error histograms
+    assert "Latency against float" in page and "float ONNX, fp32" in page  # verify times INT8 against float
+    assert good["artifacts"][0]["latency"]["speedup"] > 1.0
     entry = good["artifacts"][0]
     assert len(entry["worst_layers"]) == 5 and len(entry["layer_snr_db"]) > 50
     box, obj, cls = entry["parity"]["error_histograms"]
@@ -91,6 +93,7 @@ def _check_in_chromium(page, tmp_path):
     seen = load_page(page, screenshot=shot)
     assert seen["problems"] == [], seen["problems"]
     assert seen["title"] == "edgeq verification" and "PASS" in seen["text"] and seen["svg_count"] == 4
+    assert "Latency against float" in seen["text"]
     assert shot.stat().st_size > 10_000
 
 

@@ -15,6 +15,7 @@ import platform
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
+from edgeq.latency import latency_rows, latency_summary
 from edgeq.svg import bar_chart, histogram
 
 
@@ -44,10 +45,14 @@ def _verdict(report: dict) -> str:
     return ("PASS" if report["passed"] else "FAIL") + f" (budget: {', '.join(budgets)})"
 
 
-def _latency():
-    from edgeq.latency import latency_rows, latency_summary
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
-    return latency_rows, latency_summary
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + f"</tr>{body}</table>"
 
 
 def _table(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -66,13 +71,10 @@ def to_markdown(report: dict) -> str:
              "parity images; ms/image is the time inside the backend during evaluation, not a benchmark.", "",
              "## Backends", ""]
     header, rows = _table(report)
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
-    latency_rows, latency_summary = _latency()
+    lines += _md_table(header, rows)
     latency = latency_rows(report)
     if latency:
-        lines += ["", "## Latency against float", "", latency_summary(report) + ".", "",
-                  "| " + " | ".join(latency[0]) + " |", "|" + "---|" * len(latency[0]),
-                  *("| " + " | ".join(r) + " |" for r in latency[1:])]
+        lines += ["", "## Latency against float", "", latency_summary(report) + ".", "", *_md_table(latency[0], latency[1:])]
     for a in report["artifacts"]:
         if a["worst_layers"]:
             lines += ["", f"## Worst layers of `{Path(a['artifact']).name}`", "",
@@ -108,7 +110,6 @@ def _error_summary(artifact: dict) -> list[dict]:
 def to_html(report: dict) -> str:
     esc = html.escape
     header, table = _table(report)
-    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in table)
     verdict = _verdict(report)
     colour = "#2e7d32" if report.get("passed", True) else "#c62828"
     parts = [
@@ -120,14 +121,12 @@ def to_html(report: dict) -> str:
         f"<p>float model <code>{esc(report['weights'])}</code>; labelled data <code>{esc(report['data'])}</code> "
         f"({report['images']} images). Drops in mAP points (0-100) against the float model at each artifact's input "
         "size; rel L2 and agreement from the parity images; ms/image inside the backend during evaluation.</p>",
-        "<h2>Backends</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + f"</tr>{rows}</table>",
+        "<h2>Backends</h2>" + _html_table(header, table),
     ]
-    latency_rows, latency_summary = _latency()
     latency = latency_rows(report)
     if latency:
-        body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in latency[1:])
-        parts.append(f"<h2>Latency against float</h2><p>{esc(latency_summary(report))}.</p><table><tr>"
-                     + "".join(f"<th>{esc(h)}</th>" for h in latency[0]) + f"</tr>{body}</table>")
+        parts.append(f"<h2>Latency against float</h2><p>{esc(latency_summary(report))}.</p>"
+                     + _html_table(latency[0], latency[1:]))
     for a in report["artifacts"]:
         name = Path(a["artifact"]).name
         if a["worst_layers"]:

@@ -277,19 +277,26 @@ def table_rows(report: dict, *, timing: bool = False) -> list[list[str]]:
     return rows
 
 
+def _widths(rows: list[list[str]]) -> list[int]:
+    return [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+
+
+def _aligned(rows: list[list[str]], left: set[int]) -> list[str]:
+    """``rows`` as text columns: the ``left`` columns flush left, the others flush right."""
+    widths = _widths(rows)
+    return ["  ".join(c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
+
+
 def format_verify_table(report: dict) -> str:
     rows = table_rows(report)
-    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = _aligned(rows, left={0, 1, 2})
+    lines.insert(1, "  ".join("-" * w for w in _widths(rows)))
     from edgeq.latency import latency_rows, latency_summary
 
     latency = latency_rows(report)
     if latency:
-        widths = [max(len(r[j]) for r in latency) for j in range(len(latency[0]))]
         lines.append(f"\nlatency ({latency_summary(report)}):")
-        lines += ["  ".join(c.ljust(w) if j in (0, 1, 3, 4) else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
-                  for r in latency]
+        lines += _aligned(latency, left={0, 1, 3, 4})
     for s in report["artifacts"]:
         if s["worst_layers"]:
             lines.append(f"\nworst layers of {Path(s['artifact']).name} (SNR of the Conv output vs float):")

@@ -9,6 +9,8 @@ are wide (about 2x and under 1x on these CPUs), so machine noise does not decide
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -39,10 +41,16 @@ def exports(tmp_path_factory):
     return root, data
 
 
-def _verify(root, data, name, *artifacts, extra=()):
+def _verify(root, data, name, *artifacts, extra=(), child=False):
+    """``edgeq verify`` with the speed-up budget; ``child``: in a fresh interpreter (see below)."""
     out = root / f"{name}.json"
-    rc = main(["verify", str(DEMO_WEIGHTS), *map(str, artifacts), "--data", str(data), "--num-images", "0",
-               "--min-speedup", "1.2", "--latency-runs", "30", "--json", str(out), *extra])
+    argv = ["verify", str(DEMO_WEIGHTS), *map(str, artifacts), "--data", str(data), "--num-images", "0",
+            "--min-speedup", "1.2", "--latency-runs", "30", "--json", str(out), *extra]
+    if child:
+        rc = subprocess.run([sys.executable, "-m", "edgeq.cli", *argv], capture_output=True, text=True,
+                            timeout=900).returncode
+    else:
+        rc = main(argv)
     return rc, json.loads(out.read_text())
 
 
@@ -62,8 +70,12 @@ def test_min_speedup_fails_an_int8_graph_no_faster_than_float(exports, capsys):
 def test_min_speedup_passes_the_default_export_and_reports_every_baseline(exports, tmp_path):
     root, data = exports
     good = root / "good"
+    # In a child interpreter: run in the pytest process, this verify (OpenVINO models compiled and
+    # timed next to ONNX Runtime and PyTorch) was followed by a segfault in a later test
+    # (tests/test_runtime_standalone.py, in plain Python code: memory corrupted earlier) when
+    # tests/test_augment.py had run before it; not explained yet (session 10 note on issue 17)
     rc, report = _verify(root, data, "good", good / f"{STEM}.int8-ort.onnx", good / f"{STEM}.int8-ov.xml",
-                         extra=["--report", str(tmp_path / "page.md")])
+                         extra=["--report", str(tmp_path / "page.md")], child=True)
     ort, ov = (a["latency"] for a in report["artifacts"])
     # int8-ort: about 2x the float ONNX on these CPUs. int8-ov (8 tensors left float, f32 hint) can be
     # no faster than the float IR in OpenVINO's default bf16 on a CPU with AVX-512 BF16 (issue 17):

@@ -159,6 +159,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             bias_images=args.bias_correction,
             head_outputs=args.head_outputs,
             ov_precision=args.ov_precision,
+            max_map_drop=args.max_map_drop,
+            budget_data=Path(args.budget_data) if args.budget_data else None,
+            budget_images=args.budget_images,
             finetune=None if args.finetune is None else FinetuneOptions(steps=args.finetune),
         )
     parity = ParityRequest(data=Path(args.data) if args.data else None, num_images=args.num_images,
@@ -185,6 +188,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{key}: {rep.activations} activation and {rep.weights} weight tensors quantized"
               + (f", {len(rep.excluded)} node(s) kept float" if rep.excluded else "")
               + (f", {len(rep.float_tensors)} sensitive tensor(s) left float" if rep.float_tensors else ""))
+    budgets = {key: rep.budget for key, rep in result.int8_reports.items() if rep.budget}
+    if budgets:
+        from edgeq.export.budget import format_budget_table
+
+        print(format_budget_table(budgets))
     rep = result.deploy_report
     if rep:
         print(f"deploy graph: {len(rep['fused'])} BatchNorm folded, {len(rep['rewritten'])} hard activations "

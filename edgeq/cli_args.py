@@ -173,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fallback", type=int,
                    help="leave float the N activation tensors whose quantization alone disturbs the head the most "
                         "(sensitivity analysis on 4 calibration images; default 8 for every flavour; 0 turns it off)")
+    q.add_argument("--max-map-drop", type=float, metavar="POINTS",
+                   help="the accuracy budget: per flavour, the fastest graph whose mAP50-95 drop against float is at "
+                        "most POINTS, searched from the all-integer graph by leaving tensors float in sensitivity order "
+                        "and trying each speed-for-accuracy choice (head outputs, bias correction, OpenVINO precision); "
+                        "measured on --budget-data, else estimated by agreement with the float model on the last "
+                        "images of the calibration folder. A fixed --fallback N turns it off")
+    q.add_argument("--budget-data", metavar="DATA",
+                   help="labelled images for --max-map-drop (data.yaml or data set folder; its val split), held out "
+                        "from calibration and, for an honest check, from the set you verify on")
+    q.add_argument("--budget-images", type=_positive_int, metavar="N",
+                   help="held-out images the budget search scores each candidate on (default 200 labelled, else 64 "
+                        "calibration images)")
     q.add_argument("--fallback-min-nsr", type=float,
                    help="of those N, leave float only tensors whose quantization alone gives the head outputs at least "
                         "this noise-to-signal ratio (default 1e-5, i.e. below 50 dB SNR; 0 takes all N)")
@@ -188,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the head convolutions' outputs (box and score logits): float (default: the head convolutions "
                         "run in float), per-channel (quantized with one range per channel: all-integer on ONNX Runtime, "
                         "a little faster, a little less accurate), per-tensor (one scale: loses points)")
-    q.add_argument("--ov-precision", choices=("f32", "default", "bf16", "f16"), default="f32",
+    q.add_argument("--ov-precision", choices=("f32", "default", "bf16", "f16"),
                    help="int8-ov: the OpenVINO precision of the ops left float, recorded in the IR so that edgeq "
-                        "verify, run and the Detector all run it so: f32 (default: the most accurate), default "
-                        "(OpenVINO's own choice: bf16 on CPUs that have it, faster, ~0.1 point less on the demo)")
+                        "verify, run and the Detector all run it so: f32 (the default without a budget: the most "
+                        "accurate), default (OpenVINO's own choice: bf16 on CPUs that have it, faster, ~0.1 point less "
+                        "on the demo); with --max-map-drop both are candidates unless this pins one")
     q.add_argument("--float-nodes", help="comma list of ONNX node names to keep float (see edgeq verify --layers)")
     q.add_argument("--uint8-weights", action="store_true",
                    help="int8-ort only: store the weights as uint8 (zero point 128, same values) so that ONNX Runtime "

@@ -85,6 +85,7 @@ def int8_record(table: CalibrationTable, flavour: Flavour, opts: Int8Options, re
         "float_onnx": float_onnx.name,
         "float_onnx_sha256": float_sha256,
         **({"finetune": report.finetune} if report.finetune else {}),
+        **({"budget": report.budget} if report.budget else {}),
     }
 
 

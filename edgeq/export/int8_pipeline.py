@@ -38,11 +38,24 @@ class Int8Request:
     uint8_weights: bool = False  # int8-ort only: ONNX Runtime's non-saturating kernels on CPUs without VNNI
     bias_images: int = 32  # calibration images the bias correction is measured on; 0: no correction
     head_outputs: str | None = None  # the head convolutions' outputs (float, per-channel, per-tensor); None: the flavour's
-    ov_precision: str = "f32"  # int8-ov: OpenVINO precision of the ops left float, recorded as edgeq.ov_precision
+    ov_precision: str | None = None  # int8-ov: OpenVINO precision of the ops left float (edgeq.ov_precision);
+    # None: f32, or with a budget a candidate each for the backend's default and f32
+    max_map_drop: float | None = None  # the budget (mAP50-95 points); the search replaces the fixed fallback
+    budget_data: Path | None = None  # labelled data (data.yaml) the budget is measured on; None: agreement
+    budget_images: int | None = None  # held-out images the search scores on; None: BUDGET_IMAGES / AGREEMENT_IMAGES
     finetune: object | None = None  # FinetuneOptions: train each flavour's Q/DQ graph on the calibration images
     progress: bool = True
 
+    @property
+    def budget(self) -> bool:
+        """Whether a budget search chooses the graphs (a fixed ``--fallback N`` wins over it)."""
+        return self.max_map_drop is not None and self.fallback is None
+
     def fallback_for(self, flavour: Flavour) -> int:
+        if self.budget:
+            from edgeq.export.budget import LEVELS
+
+            return LEVELS[-1]  # the ranking the search walks
         return flavour.policy.default_fallback if self.fallback is None else self.fallback
 
 
@@ -80,7 +93,16 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
     keep = max(request.bias_images, SENSITIVITY_IMAGES if any(fallbacks.values()) else 0)
     if request.finetune is not None:  # the fine-tune trains on every calibration image
         keep = max(keep, request.num_images)
-    image_dir = _images(request, own_model, request.table is None or keep > 0)
+    image_dir = _images(request, own_model, request.table is None or keep > 0 or request.budget)
+    held = None
+    if request.budget:
+        from dataclasses import replace
+
+        from edgeq.export.budget_judge import held_out
+
+        held = held_out(image_dir, request.num_images, request.budget_data, request.budget_images)
+        request = replace(request, num_images=min(request.num_images, held.calib_limit))
+        keep = min(keep, request.num_images)
     with times("calibration"):
         if reused is not None:
             table = reused
@@ -93,25 +115,38 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
             result.artifacts["table"] = table.save(paths["table"])
     result.table = table
     model = onnx.load(str(float_onnx))
-    options = {}
+    options, rankings = {}, {f.name: () for f in flavour_list}
     for flavour in flavour_list:
         opts = Int8Options(method=request.method, percentile=request.percentile, exclude=request.exclude,
                            uint8_weights=request.uint8_weights and flavour.uint8_weights,
                            head_outputs=request.head_outputs)
         if fallbacks[flavour.name]:
             with times("sensitivity"):
-                opts.float_tensors = _fallback(model, table, flavour, opts, batches[:SENSITIVITY_IMAGES],
-                                               fallbacks[flavour.name], request)
+                chosen = _fallback(model, table, flavour, opts, batches[:SENSITIVITY_IMAGES], fallbacks[flavour.name],
+                                   request)
+            if request.budget:
+                rankings[flavour.name] = chosen  # the search starts all-integer and walks the ranking
+            else:
+                opts.float_tensors = chosen
         options[flavour.name] = opts
-    quantized = _quantize_all(model, table, flavour_list, options, batches[:request.bias_images], times,
-                              request.progress)
+    quantized, weights = {}, {}
+    if not request.budget or request.finetune is not None:  # the search builds its own graphs
+        quantized = _quantize_all(model, table, flavour_list, options, batches[:request.bias_images], times,
+                                  request.progress)
     if request.finetune is not None:
-        quantized = _finetune_all(model, table, flavour_list, options, quantized, batches, request, times)
+        quantized = _finetune_all(model, table, flavour_list, options, quantized, batches, request, times, weights)
         if "table" in paths and request.table is None:
             result.artifacts["table"] = table.save(paths["table"])  # now with the fine-tune's record
+    precisions: dict[str, str] = {}
+    if request.budget:
+        from edgeq.export.budget_stage import budget_all
+
+        with times("budget search"):
+            quantized = budget_all(float_onnx, model, table, flavour_list, options, quantized, weights, rankings,
+                                   batches[:request.bias_images], held, request, precisions)
     with times("q/dq"):
         _write_all(float_onnx, table, flavour_list, options, quantized, len(batches[:request.bias_images]), paths,
-                   result, request)
+                   result, request, precisions)
     for flavour in flavour_list:
         _post_steps(flavour, float_onnx, table, paths, result, times, request, batch=batch, dynamic=dynamic,
                     workspace_gb=workspace_gb)
@@ -154,7 +189,8 @@ def _fallback(model, table, flavour: Flavour, opts, batches, count: int, request
                           progress=request.progress)
     chosen = fallback_tensors(ranked, count, min_nsr)
     nsr = {r["tensor"]: r["nsr"] for r in ranked}
-    log.info("%s: %d most sensitive tensors left float (at most %d, NSR >= %.0e): %s", flavour.name, len(chosen),
+    what = "ranked for the budget search" if request.budget else "left float"
+    log.info("%s: %d most sensitive tensors %s (at most %d, NSR >= %.0e): %s", flavour.name, len(chosen), what,
              count, min_nsr, ", ".join(f"{t} (NSR {nsr[t]:.1e})" for t in chosen) or "none")
     return chosen
 
@@ -181,13 +217,15 @@ def _quantize_all(model, table, flavour_list, options, bias_batches, times, prog
     return quantized
 
 
-def _finetune_all(model, table, flavour_list, options, quantized: dict, batches, request: Int8Request, times) -> dict:
+def _finetune_all(model, table, flavour_list, options, quantized: dict, batches, request: Int8Request, times,
+                  weights: dict | None = None) -> dict:
     """Fine-tune the flavours' weights against the float model, then quantize the trained float
     weights again with the same table: the artifact is the graph that was trained.
 
     Each flavour trains on its own Q/DQ graph, except one whose record names another
     (``Flavour.finetune_on``): it takes the weights trained on that flavour's graph (made here,
     without bias correction, when that flavour is not being exported) and the table's scales.
+    ``weights`` (filled when given): flavour name -> the trained float ModelProto.
     """
     import numpy as np
 
@@ -222,6 +260,8 @@ def _finetune_all(model, table, flavour_list, options, quantized: dict, batches,
         new_report.bias_corrected = report.bias_corrected  # the corrected biases were the fine-tune's start
         new_report.finetune = {**record, "learned_scales": len(options[f.name].scales or {})}
         out[f.name] = (q, new_report)
+        if weights is not None:
+            weights[f.name] = trained.model
         records[f.name] = {**record, **({"scales": trained.scales} if own and trained.scales else {})}
         log.info("%s: fine-tuned %d steps on %s's graph, %d images, %.0f s, distillation loss %.4f -> %.4f", f.name,
                  record["steps"], wanted[f.name].name, record["images"], record["seconds"], record["loss_first"],
@@ -231,9 +271,10 @@ def _finetune_all(model, table, flavour_list, options, quantized: dict, batches,
 
 
 def _write_all(float_onnx: Path, table, flavour_list, options, quantized: dict, bias_images: int, paths, result,
-               request: Int8Request) -> None:
+               request: Int8Request, precisions: dict[str, str]) -> None:
     """Write each flavour's artifact with its record (atomically); an OpenVINO flavour also
-    records the precision its float ops run at, which the runtime then uses."""
+    records the precision its float ops run at (``precisions``: what a budget chose), which the
+    runtime then uses."""
     from edgeq.export.int8 import int8_record, write_int8
     from edgeq.graph import OV_PRECISION_META
     from edgeq.utils.files import file_sha256
@@ -244,8 +285,9 @@ def _write_all(float_onnx: Path, table, flavour_list, options, quantized: dict, 
         record = int8_record(table, f, options[f.name], report, float_onnx, float_sha256, bias_images)
         props = {}
         if f.backend == "openvino":
-            record["ov_precision"] = request.ov_precision
-            props[OV_PRECISION_META] = request.ov_precision
+            precision = precisions.get(f.name) or request.ov_precision or "f32"
+            record["ov_precision"] = precision
+            props[OV_PRECISION_META] = precision
         result.artifacts[f.name] = write_int8(q, f, record, paths[f.name], props)
         result.int8_reports[f.name] = report
 

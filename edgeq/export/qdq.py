@@ -104,6 +104,7 @@ class QuantizeReport:
     head_outputs: str = "float"  # how the head convolutions' outputs were left: float, per-tensor, per-channel
     bias_corrected: int = 0  # convolutions whose bias was corrected (edgeq.export.bias_correction)
     finetune: dict | None = None  # the fine-tune's record (edgeq.export.finetune), when the weights were trained
+    budget: dict | None = None  # the budget search's record (edgeq.export.budget), when a budget chose the graph
 
 
 def quantize_onnx(

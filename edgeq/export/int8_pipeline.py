@@ -185,7 +185,8 @@ def _fallback(model, table, flavour: Flavour, opts, batches, count: int, request
     if not batches:
         raise EdgeqError("the sensitivity analysis needs calibration images, and none were read")
     min_nsr = FALLBACK_MIN_NSR if request.fallback_min_nsr is None else request.fallback_min_nsr
-    ranked = rank_tensors(model, table, flavour, batches, opts, keep=max(16, 2 * count), min_nsr=min_nsr,
+    keep = count if request.budget else max(16, 2 * count)  # the search walks exactly ``count``
+    ranked = rank_tensors(model, table, flavour, batches, opts, keep=keep, min_nsr=min_nsr,
                           progress=request.progress)
     chosen = fallback_tensors(ranked, count, min_nsr)
     nsr = {r["tensor"]: r["nsr"] for r in ranked}

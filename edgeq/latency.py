@@ -6,8 +6,9 @@ not f32. For every artifact this measures the median latency next to the float m
 same backend at that backend's default precision (OpenVINO: no precision hint, i.e. what
 ``compile_model`` picks; ONNX Runtime: fp32; TensorRT: the float engine beside it) and, for
 OpenVINO, also at f32 as its own row. Every model is loaded once, warmed up, then timed
-interleaved (one run of each per round, the order rotating) on the same input, so that a
-machine busy with something else slows them all alike. Speed-up is float ms / artifact ms.
+interleaved with the other models of its backend (one run of each per round, the order
+rotating) on the same input, so that a machine busy with something else slows them all alike;
+the backends take turns, so ONNX Runtime's spinning threads never overlap an OpenVINO run. Speed-up is float ms / artifact ms.
 """
 
 from __future__ import annotations
@@ -118,17 +119,23 @@ def measure(models: Sequence[Timed], images: Sequence[np.ndarray] = (), *, runs:
             loaded.append(runner)
             inputs.append(_input_for(runner, images))
             times.append([])
-        for runner, x in zip(loaded, inputs):
-            for _ in range(warmup):
-                runner.infer(x)
-        with progress_bar(total=runs, desc="latency", unit="round", enabled=progress) as bar:
-            for r in range(runs):
-                for i in range(len(loaded)):
-                    j = (i + r) % len(loaded)  # rotate, so no model always runs right after the same one
-                    start = time.perf_counter()
-                    loaded[j].infer(inputs[j])
-                    times[j].append(1000.0 * (time.perf_counter() - start))
-                bar.update(1)
+        # one backend at a time: ONNX Runtime's threads spin on after a run and would slow an
+        # OpenVINO model timed right after it; within a backend, interleaved
+        groups: dict[str, list[int]] = {}
+        for i, m in enumerate(unique):
+            groups.setdefault(m.backend, []).append(i)
+        with progress_bar(total=runs * len(groups), desc="latency", unit="round", enabled=progress) as bar:
+            for group in groups.values():
+                for j in group:
+                    for _ in range(warmup):
+                        loaded[j].infer(inputs[j])
+                for r in range(runs):
+                    for i in range(len(group)):
+                        j = group[(i + r) % len(group)]  # rotate, so no model always runs right after the same one
+                        start = time.perf_counter()
+                        loaded[j].infer(inputs[j])
+                        times[j].append(1000.0 * (time.perf_counter() - start))
+                    bar.update(1)
         return {m.key: {"ms": statistics.median(t), "runs": len(t), "precision": _precision(runner)}
                 for m, t, runner in zip(unique, times, loaded)}
     finally:

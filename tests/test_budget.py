@@ -9,6 +9,8 @@ what is written.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -44,10 +46,15 @@ def impossible(tmp_path_factory):
     return out
 
 
-def test_loose_budget_takes_the_all_integer_graph(tmp_path, capsys):
+def test_loose_budget_takes_the_all_integer_graph(tmp_path):
+    # in a child interpreter: OpenVINO models run in the pytest process after tests/test_augment.py
+    # were followed by a segfault in a later torch test (as in tests/test_latency.py; cause not found)
     out = tmp_path / "loose"
-    assert _export(out, "--format", "onnx,openvino", "--max-map-drop", "100") == 0
-    printed = capsys.readouterr().out
+    run = subprocess.run([sys.executable, "-m", "edgeq.cli", "export", "--int8", "--out", str(out), *SMALL,
+                          "--format", "onnx,openvino", "--max-map-drop", "100"], capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed = run.stdout
     assert "budget 100 mAP50-95 points, measured by agreement" in printed
     for flavour in ("int8-ort", "int8-ov"):
         record = _record(out / f"{STEM}.{flavour}.onnx")

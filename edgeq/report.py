@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 
 from edgeq.errors import EdgeqError
-from edgeq.latency import latency_rows, latency_summary
+from edgeq.runtime.latency import latency_rows, latency_summary
 from edgeq.svg import bar_chart, histogram
 
 

@@ -4,7 +4,7 @@ For every artifact: mAP50 and mAP50-95 on labelled data through the one preproce
 path, the drop against the PyTorch float checkpoint in mAP points (0-100 scale), tensor parity
 and detection agreement on sample images, optionally the layers that lose the most (SNR of
 every Conv output against the float ONNX), and the latency of each INT8 artifact next to the float
-model on the same backend at its default precision (:mod:`edgeq.latency`). A drop above the
+model on the same backend at its default precision (:mod:`edgeq.runtime.latency`). A drop above the
 budget, or a speed-up below ``min_speedup``, fails the run.
 """
 
@@ -39,7 +39,7 @@ class ArtifactScore:
     passed: bool = True
     ms_per_image: float | None = None  # inside the backend during evaluation (batch 1, not a benchmark)
     calibration: dict = field(default_factory=dict)  # what an INT8 artifact records about its calibration
-    latency: dict = field(default_factory=dict)  # edgeq.latency.latency_entry: ms, float baselines, speed-up
+    latency: dict = field(default_factory=dict)  # edgeq.runtime.latency.latency_entry: ms, float baselines, speed-up
 
 
 def evaluate_artifact(path: str, dataset, *, threads: int | None = None, progress: bool = True) -> dict:
@@ -238,7 +238,7 @@ def verify(
 def _time_artifacts(scores: list[ArtifactScore], weights, images, runs: int, min_speedup: float | None,
                     threads: int | None, progress: bool) -> None:
     """Fill each score's ``latency``: all artifacts and their float baselines timed in one interleaved run."""
-    from edgeq.latency import latency_entry, measure, plan_for
+    from edgeq.runtime.latency import latency_entry, measure, plan_for
 
     plans = [plan_for(s.artifact, s.backend, float_onnx_of(s.artifact, s.calibration, weights),
                       flavours.is_int8(s.flavour)) for s in scores]
@@ -291,7 +291,7 @@ def format_verify_table(report: dict) -> str:
     rows = table_rows(report)
     lines = _aligned(rows, left={0, 1, 2})
     lines.insert(1, "  ".join("-" * w for w in _widths(rows)))
-    from edgeq.latency import latency_rows, latency_summary
+    from edgeq.runtime.latency import latency_rows, latency_summary
 
     latency = latency_rows(report)
     if latency:

@@ -21,7 +21,7 @@ from edgeq.cli import main
 from edgeq.data.demo import DEMO_WEIGHTS
 from edgeq.data.synthetic import generate_dataset
 from edgeq.errors import EdgeqError
-from edgeq.latency import latency_entry, latency_rows, plan_for
+from edgeq.runtime.latency import latency_entry, latency_rows, plan_for
 
 STEM = DEMO_WEIGHTS.stem
 

@@ -21,7 +21,7 @@ LAYERS = [
     ("edgeq.runtime",),
     ("edgeq.training",),
     ("edgeq.export",),
-    ("edgeq.validate", "edgeq.verify", "edgeq.latency", "edgeq.report"),
+    ("edgeq.validate", "edgeq.verify", "edgeq.report"),
     ("edgeq.cli", "edgeq.cli_args"),
 ]
 

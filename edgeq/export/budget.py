@@ -199,7 +199,7 @@ def search(flavour: Flavour, inputs: SearchInputs, judge, max_drop: float, *, pr
 def _time(tried: list[Candidate], flavour: Flavour, float_onnx: Path | None, runs: int, threads: int | None,
           progress: bool) -> None:
     """Median latency of every candidate and of the float model on the same backend, interleaved."""
-    from edgeq.latency import Timed, measure, plan_for
+    from edgeq.runtime.latency import Timed, measure, plan_for
 
     models = [Timed(str(c.path), flavour.backend, c.ov_precision) for c in tried]
     baseline = None

@@ -138,7 +138,8 @@ def _build_level(flavour: Flavour, inputs: SearchInputs, tensors: tuple[str, ...
 
 def search(flavour: Flavour, inputs: SearchInputs, judge, max_drop: float, *, progress: bool = True,
            latency_runs: int = LATENCY_RUNS) -> BudgetChoice:
-    """The fastest candidate of ``flavour`` whose drop (``judge``) is at most ``max_drop``."""
+    """The first candidate of ``flavour``, in the order of expected speed, whose drop
+    (``judge``) is at most ``max_drop``; else the one with the smallest drop."""
     from edgeq.export.int8 import write_int8
     from edgeq.utils.progress import progress_bar
 

@@ -18,8 +18,9 @@ on the backends it can run on:
 
 Per row: mAP50-95 of the demo model on its validation split and the drop against float (in
 points), median latency on each backend (batch 1, interleaved runs after warm-up, ONNX
-Runtime threads not spinning, OpenVINO with an explicit f32 hint), and the calibration wall
-time. The seed's small model at 640 (random weights, randomized BN statistics) gets latency and
+Runtime threads not spinning; OpenVINO compiled twice, with an explicit f32 hint and with no
+hint, as a user's ``compile_model`` gets it: bf16 on CPUs with AVX-512 BF16 or AMX, each
+compared with the float IR compiled the same way), and the calibration wall time. The seed's small model at 640 (random weights, randomized BN statistics) gets latency and
 calibration time only, calibrated on 64 images. Peers are benchmark-only dependencies:
 ``pip install -r bench/requirements-peers.txt``.
 
@@ -209,6 +210,16 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
                                             finetune=FinetuneOptions()))
         return {"onnxruntime": res.artifacts["int8-ort"], "openvino": res.artifacts["int8-ov-ir"]}
 
+    def edgeq_budget(folder: Path) -> dict[str, Path]:
+        """``edgeq export --int8 --max-map-drop 0.8``: per flavour the fastest graph whose drop, estimated
+        by agreement with the float model on held-out calibration images, holds 0.8 points."""
+        from edgeq.export.pipeline import Int8Request, export_model
+
+        res = export_model(weights, formats="onnx,openvino", out_dir=folder / "budget", imgsz=imgsz, force=True,
+                           int8=Int8Request(data=calib_dir(), num_images=len(batches), max_map_drop=0.8,
+                                            progress=False))
+        return {"onnxruntime": res.artifacts["int8-ort"], "openvino": res.artifacts["int8-ov-ir"]}
+
     # ONNX Runtime's histogram calibrators (and ModelOpt, which uses them) keep every activation of
     # every image in memory: 256 images at 320 took more than 18 GB and were killed. They get the
     # first 64 images at 320 (16 at 640).
@@ -236,6 +247,8 @@ def methods(float_onnx: Path, float_ir: Path, weights: Path, imgsz: int, batches
                note="from the default's calibration table: its time is the sensitivity analysis and quantization"),
         Method("edgeq fine-tuned (all-integer: fallback 0, 200 steps)", edgeq_finetuned,
                note="calibration, bias correction and the fine-tune of both flavours"),
+        Method("edgeq budget 0.8 points (no labels: agreement estimate)", edgeq_budget,
+               note="calibration on the first 192 images, the last 64 held out; sensitivity, search, timing"),
         Method("nncf.quantize defaults", nncf_(False)),
         Method("nncf.quantize as Ultralytics (MIXED, decode + Sigmoid ignored)", nncf_(True)),
         Method("quantize_static defaults (QDQ s8/s8, per-tensor, minmax)", qs(False)),
@@ -281,8 +294,9 @@ def run_model(weights: Path, imgsz: int, folder: Path, args, *, accuracy: bool) 
     rows = methods(float_onnx, float_ir, weights, imgsz, batches, args.quick, args.modelopt_python,
                    [w for w in (args.only or "").split(",") if w],
                    (args.aimet_python, args.adaround_iterations, args.adaround_images))
-    if not accuracy:  # its graphs are fallback 0's: the latency-only model would spend minutes training for nothing
-        rows = [m for m in rows if "fine-tuned" not in m.name]
+    if not accuracy:  # its graphs are fallback 0's: the latency-only model would spend minutes training for nothing,
+        # and a budget needs a model that detects something
+        rows = [m for m in rows if "fine-tuned" not in m.name and "budget" not in m.name]
     dataset = None
     if accuracy:
         dataset = YoloDataset(demo_data_yaml(), split="val")
@@ -298,6 +312,7 @@ def run_model(weights: Path, imgsz: int, folder: Path, args, *, accuracy: bool) 
         warnings.simplefilter("ignore")
         runners["float|onnxruntime"] = load_backend(float_onnx, threads=args.threads, spin=False)
         runners["float|openvino"] = load_backend(float_ir, threads=args.threads, precision="f32")
+        runners["float|openvino-default"] = load_backend(float_ir, threads=args.threads, precision="default")
     for m in rows:
         t0 = time.perf_counter()
         try:
@@ -320,15 +335,19 @@ def run_model(weights: Path, imgsz: int, folder: Path, args, *, accuracy: bool) 
                 runners[f"{m.name}|{backend}"] = (load_backend(path, threads=args.threads, spin=False)
                                                   if backend == "onnxruntime" else
                                                   load_backend(path, threads=args.threads, precision="f32"))
+                if backend == "openvino":  # also as a user's compile_model gets it: no hint (bf16 where the CPU has it)
+                    runners[f"{m.name}|openvino-default"] = load_backend(path, threads=args.threads, precision="default")
             row["backends"][backend] = entry
         result["rows"].append(row)
         summary = ", ".join(f"{b}: drop {e['drop50_95']:+.2f}" for b, e in row["backends"].items() if "drop50_95" in e)
         print(f"{m.name}: calibration {m.calib_s:.0f} s{'; ' + summary if summary else ''}", flush=True)
     medians = measure(runners, imgsz, args.runs, args.warmup)
-    result["float_ms"] = {b: medians[f"float|{b}"] for b in ("onnxruntime", "openvino")}
+    result["float_ms"] = {b: medians[f"float|{b}"] for b in ("onnxruntime", "openvino", "openvino-default")}
     for row in result["rows"]:
         for backend, entry in row.get("backends", {}).items():
             entry["ms"] = medians[f"{row['method']}|{backend}"]
+            if backend == "openvino":
+                entry["ms_default_hint"] = medians[f"{row['method']}|openvino-default"]
     return result
 
 
@@ -336,17 +355,18 @@ def table(title: str, result: dict) -> str:
     acc = "float" in result
     lines = [f"**{title}**", "",
              "| method | calibration s | " + ("ORT mAP50-95 (drop) | OV mAP50-95 (drop) | " if acc else "")
-             + "ORT ms (vs fp32) | OV ms (vs f32) |",
-             "|---|---|" + ("---|---|" if acc else "") + "---|---|"]
+             + "ORT ms (vs fp32) | OV f32 hint ms (vs float f32) | OV default hint ms (vs float default) |",
+             "|---|---|" + ("---|---|" if acc else "") + "---|---|---|"]
     fl = result["float_ms"]
     if acc:
         f = result["float"]["map50_95"]
-        lines.append(f"| float | - | {f:.4f} | {f:.4f} | {fl['onnxruntime']:.1f} | {fl['openvino']:.1f} |")
+        lines.append(f"| float | - | {f:.4f} | {f:.4f} | {fl['onnxruntime']:.1f} | {fl['openvino']:.1f} | "
+                     f"{fl['openvino-default']:.1f} |")
     else:
-        lines.append(f"| float | - | {fl['onnxruntime']:.1f} | {fl['openvino']:.1f} |")
+        lines.append(f"| float | - | {fl['onnxruntime']:.1f} | {fl['openvino']:.1f} | {fl['openvino-default']:.1f} |")
     for row in result["rows"]:
         if "backends" not in row:
-            lines.append(f"| {row['method']} | {row['note']} |" + (" | |" if acc else "") + " | |")
+            lines.append(f"| {row['method']} | {row['note']} |" + (" | |" if acc else "") + " | | |")
             continue
         cells = [row["method"], f"{row['calib_s']:.0f}"]
         b = row["backends"]
@@ -357,6 +377,8 @@ def table(title: str, result: dict) -> str:
         for backend in ("onnxruntime", "openvino"):
             e = b.get(backend)
             cells.append(f"{e['ms']:.1f} ({e['ms'] / fl[backend]:.2f}x)" if e else "-")
+        e = b.get("openvino")
+        cells.append(f"{e['ms_default_hint']:.1f} ({e['ms_default_hint'] / fl['openvino-default']:.2f}x)" if e else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -27,6 +27,8 @@ EXAMPLES = {
   edgeq export model.onnx --format engine      # on a Jetson: build its own engine from the ONNX
   edgeq export best.pt --int8 --data images/ --format onnx,openvino,engine
   edgeq export best.pt --int8 --data images/ --fallback 0 --finetune   # all-integer, fine-tuned (minutes)
+  edgeq export best.pt --int8 --data images/ --max-map-drop 0.5        # fastest graph per backend within 0.5 points
+  edgeq export best.pt --int8 --data images/ --max-map-drop 0.5 --budget-data val.yaml  # measured on labels
   edgeq export best.pt --int8 --data images/ --ov-precision default    # int8-ov's float ops in bf16 where the CPU has it
   edgeq export best.pt --table best.calib.json --method entropy   # re-export INT8 without images""",
     "verify": """examples:

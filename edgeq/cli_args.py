@@ -174,13 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-images", type=_positive_int, default=256, help="calibration images (default 256)")
     q.add_argument("--fallback", type=int,
                    help="leave float the N activation tensors whose quantization alone disturbs the head the most "
-                        "(sensitivity analysis on 4 calibration images; default 8 for every flavour; 0 turns it off)")
+                        "(sensitivity analysis on 4 calibration images), instead of the budget search "
+                        "(--max-map-drop); without either, 8 where the folder is too small for the search")
     q.add_argument("--max-map-drop", type=float, metavar="POINTS",
                    help="the accuracy budget: per flavour, the fastest graph whose mAP50-95 drop against float is at "
                         "most POINTS, searched from the all-integer graph by leaving tensors float in sensitivity order "
                         "and trying each speed-for-accuracy choice (head outputs, bias correction, OpenVINO precision); "
                         "measured on --budget-data, else estimated by agreement with the float model on the last "
-                        "images of the calibration folder. A fixed --fallback N turns it off")
+                        "images of the calibration folder (default 0.8, estimated, where the folder has at least 40 "
+                        "images). A fixed --fallback N turns it off")
     q.add_argument("--budget-data", metavar="DATA",
                    help="labelled images for --max-map-drop (data.yaml or data set folder; its val split), held out "
                         "from calibration and, for an honest check, from the set you verify on")

@@ -3,7 +3,8 @@
 Kept small for 2 cores: 32 calibration images, 16 held-out images for the agreement measure.
 A loose budget must take the first (all-integer, fastest) candidate; an impossible one must walk
 every level, say it cannot, and write the closest candidate; what the search measured must be
-what is written.
+what is written; the default budget must give way to the fixed fallback where it cannot hold
+images out.
 """
 
 from __future__ import annotations
@@ -140,3 +141,15 @@ def test_agreement_labels_come_from_the_float_model(impossible):
     assert judge.float_map > 0.9
     assert sum(len(lab) for lab in judge.items.labels) > 8  # the demo model finds shapes in the calibration images
     assert all(np.all((lab[:, 1:] >= 0) & (lab[:, 1:] <= 1.01)) for lab in judge.items.labels if len(lab))
+
+
+def test_default_budget_gives_way_to_the_fixed_fallback_on_a_small_folder(calib_images, tmp_path, caplog):
+    """Without --max-map-drop or --fallback the export searches the default budget; a folder too
+    small to hold images out gets the flavour's fixed fallback instead, with a warning."""
+    out = tmp_path / "small"
+    with caplog.at_level("WARNING", logger="edgeq"):
+        assert main(["export", "--int8", "--format", "onnx", "--imgsz", "320", "--num-images", "0", "--data",
+                     str(calib_images), "--calib-images", "8", "--out", str(out)]) == 0
+    assert "the default budget (0.8 points, estimated) needs held-out images" in caplog.text
+    record = _record(out / f"{STEM}.int8-ort.onnx")
+    assert "budget" not in record and len(record["float_tensors"]) == 8  # int8-ort's policy default

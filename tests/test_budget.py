@@ -150,6 +150,19 @@ def test_default_budget_gives_way_to_the_fixed_fallback_on_a_small_folder(calib_
     with caplog.at_level("WARNING", logger="edgeq"):
         assert main(["export", "--int8", "--format", "onnx", "--imgsz", "320", "--num-images", "0", "--data",
                      str(calib_images), "--calib-images", "8", "--out", str(out)]) == 0
-    assert "the default budget (0.8 points, estimated) needs held-out images" in caplog.text
+    assert "too few to hold some out for the budget: the default budget (0.8 points, estimated) cannot be measured" \
+        in caplog.text
     record = _record(out / f"{STEM}.int8-ort.onnx")
     assert "budget" not in record and len(record["float_tensors"]) == 8  # int8-ort's policy default
+
+
+def test_a_budget_that_cannot_be_measured_is_a_clear_error(impossible, tmp_path):
+    """Held-out labels with no object give no mAP: an error naming the cause, not a NaN budget."""
+    from edgeq.data.synthetic import generate_dataset
+
+    data = generate_dataset(tmp_path / "empty", 0, 8, imgsz=320, seed=4)
+    for label in (tmp_path / "empty" / "labels" / "val").glob("*.txt"):
+        label.write_text("")
+    held = held_out("unused", 32, data)
+    with pytest.raises(EdgeqError, match=r"cannot be measured on the 8 held-out images: its val split has no labelled"):
+        Judge(impossible / f"{STEM}.onnx", held.images, held.labels, held.names)

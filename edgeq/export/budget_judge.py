@@ -90,6 +90,12 @@ class Judge:
                 labels = [_as_labels(det([img])[0], img.shape[:2]) for img in images]
             self.items = _Items(images, labels, self.names)
             self.float_map = self._map(det)
+        if not np.isfinite(self.float_map):
+            what = ("its val split has no labelled objects" if self.labelled else
+                    f"the float model detects nothing (score >= {AGREEMENT_CONF:g}) on them")
+            raise EdgeqError(f"the budget cannot be measured on the {len(images)} held-out images: {what}",
+                             note="give images of the model's own domain (--data), labelled --budget-data, or a "
+                                  "fixed --fallback N")
 
     @property
     def measure(self) -> str:

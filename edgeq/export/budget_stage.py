@@ -1,4 +1,4 @@
-"""The budget stage of the INT8 export: one judge, one search per flavour, the choices applied.
+"""The budget stage of the INT8 export: one search per flavour with one judge, the choices applied.
 
 It reads what earlier stages made (the calibration table, each flavour's sensitivity ranking,
 the fine-tuned weights where a fine-tune ran) and gives back each flavour's chosen Q/DQ graph
@@ -15,17 +15,16 @@ log = logging.getLogger("edgeq")
 
 
 def budget_all(float_onnx: Path, model, table, flavour_list, options: dict, quantized: dict, weights: dict,
-               rankings: dict, bias_batches, held, request, precisions: dict) -> dict:
+               rankings: dict, bias_batches, judge, request, precisions: dict) -> dict:
     """Flavour name -> (chosen Q/DQ ModelProto, report); updates ``options`` (the chosen float
     tensors and head outputs, for the record) and ``precisions`` (OpenVINO's chosen precision).
 
     ``quantized``/``weights``: the fine-tuned graphs and their trained float models (empty
-    without a fine-tune); ``held``: :class:`edgeq.export.budget_judge.HeldOut`.
+    without a fine-tune); ``judge``: the :class:`edgeq.export.budget_judge.Judge` of the
+    held-out images.
     """
     from edgeq.export.budget import SearchInputs, search
-    from edgeq.export.budget_judge import Judge
 
-    judge = Judge(float_onnx, held.images, held.labels, held.names)
     log.info("budget %.2f mAP50-95 points, measured by %s", request.max_map_drop, judge.measure)
     out = {}
     for f in flavour_list:

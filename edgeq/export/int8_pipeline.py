@@ -96,7 +96,7 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
     reused = CalibrationTable.load(request.table) if request.table is not None else None
     request = _with_recorded_finetune(request, reused)
     image_dir = _images(request, own_model, True)
-    request, held = _with_budget(request, image_dir)
+    request, judge = _with_budget(request, image_dir, float_onnx)
     fallbacks = {f.name: request.fallback_for(f) for f in flavour_list}
     keep = max(request.bias_images, SENSITIVITY_IMAGES if any(fallbacks.values()) else 0)
     if request.finetune is not None:  # the fine-tune trains on every calibration image
@@ -142,7 +142,7 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
 
         with times("budget search"):
             quantized = budget_all(float_onnx, model, table, flavour_list, options, quantized, weights, rankings,
-                                   batches[:request.bias_images], held, request, precisions)
+                                   batches[:request.bias_images], judge, request, precisions)
     with times("q/dq"):
         _write_all(float_onnx, table, flavour_list, options, quantized, len(batches[:request.bias_images]), paths,
                    result, request, precisions)
@@ -151,14 +151,12 @@ def export_int8(float_onnx: Path, paths: dict[str, Path], flavour_list: list[Fla
                     workspace_gb=workspace_gb)
 
 
-def _with_budget(request: Int8Request, image_dir: Path):
-    """The request with its budget settled, and the held-out images the search scores on (None
-    without a search). A fixed ``fallback`` turns the search off; an explicit budget that
-    cannot hold images out is an error; the default budget then gives way to the fixed
-    fallback, with a warning."""
+def _with_budget(request: Int8Request, image_dir: Path, float_onnx: Path):
+    """The request with its budget settled, and the judge that scores the search's candidates
+    on held-out images (None without a search). A fixed ``fallback`` turns the search off; an
+    explicit budget that cannot be measured (too few images, nothing detected) is an error; the
+    default budget then gives way to the fixed fallback, with a warning."""
     from dataclasses import replace
-
-    from edgeq.export.budget_judge import held_out
 
     if request.fallback is not None:
         return request, None
@@ -168,15 +166,22 @@ def _with_budget(request: Int8Request, image_dir: Path):
                      "fallback instead")
             return request, None
         try:
-            held = held_out(image_dir, request.num_images, request.budget_data, request.budget_images)
+            held, judge = _judge(request, image_dir, float_onnx)
         except EdgeqError as exc:
-            log.warning("%s: the default budget (%g points, estimated) needs held-out images; each flavour's fixed "
+            log.warning("%s: the default budget (%g points, estimated) cannot be measured; each flavour's fixed "
                         "fallback instead", exc.args[0], DEFAULT_MAX_MAP_DROP)
             return request, None
         request = replace(request, max_map_drop=DEFAULT_MAX_MAP_DROP)
     else:
-        held = held_out(image_dir, request.num_images, request.budget_data, request.budget_images)
-    return replace(request, num_images=min(request.num_images, held.calib_limit)), held
+        held, judge = _judge(request, image_dir, float_onnx)
+    return replace(request, num_images=min(request.num_images, held.calib_limit)), judge
+
+
+def _judge(request: Int8Request, image_dir: Path, float_onnx: Path):
+    from edgeq.export.budget_judge import Judge, held_out
+
+    held = held_out(image_dir, request.num_images, request.budget_data, request.budget_images)
+    return held, Judge(float_onnx, held.images, held.labels, held.names)
 
 
 def _with_recorded_finetune(request: Int8Request, table) -> Int8Request:

@@ -119,18 +119,17 @@ def _build_level(flavour: Flavour, inputs: SearchInputs, tensors: tuple[str, ...
     """(head, bias) -> (Q/DQ ModelProto, report) for one level of float tensors."""
     from edgeq.export.int8 import quantize_model
 
-    built = {}
-    for head in heads:
-        opts = replace(inputs.opts, float_tensors=tensors, head_outputs=head or inputs.opts.head_outputs)
-        built[(head, False)] = quantize_model(inputs.weights, inputs.table, flavour, opts)
+    opts = {head: replace(inputs.opts, float_tensors=tensors, head_outputs=head or inputs.opts.head_outputs)
+            for head in heads}
+    built = {(head, False): quantize_model(inputs.weights, inputs.table, flavour, opts[head]) for head in heads}
     if True in bias_options:
         from edgeq.export.bias_correction import apply_bias_shifts, bias_shifts
 
         q_models = {str(head): built[(head, False)][0] for head in heads}
         shifts = bias_shifts(inputs.weights, q_models, inputs.bias_batches)
         for head in heads:
-            opts = replace(inputs.opts, float_tensors=tensors, head_outputs=head or inputs.opts.head_outputs)
-            q, report = quantize_model(apply_bias_shifts(inputs.weights, shifts[str(head)]), inputs.table, flavour, opts)
+            q, report = quantize_model(apply_bias_shifts(inputs.weights, shifts[str(head)]), inputs.table, flavour,
+                                       opts[head])
             report.bias_corrected = len(shifts[str(head)])
             built[(head, True)] = (q, report)
     return built

@@ -41,7 +41,6 @@ class Scored:
 
     drop: float
     raw: float
-    map50_95: float
 
 
 def _as_labels(det: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -120,7 +119,7 @@ class Judge:
         with Detector(str(path), backend=backend, threads=self.threads, **options) as det:
             got = self._map(det)
         raw = 100.0 * (self.float_map - got)
-        return Scored(drop=raw if self.labelled else raw * AGREEMENT_SCALE, raw=raw, map50_95=got)
+        return Scored(drop=raw if self.labelled else raw * AGREEMENT_SCALE, raw=raw)
 
 
 BUDGET_IMAGES = 200  # labelled held-out images the search scores on (--budget-images)
@@ -135,7 +134,6 @@ class HeldOut:
     labels: list | None  # None: the agreement measure
     names: list[str] | None
     calib_limit: int  # calibrate on at most this many of the folder's first images
-    source: str
 
 
 def held_out(image_dir: str | Path, num_images: int, budget_data: str | Path | None = None,
@@ -152,8 +150,7 @@ def held_out(image_dir: str | Path, num_images: int, budget_data: str | Path | N
         if n < 1:
             raise EdgeqError(f"--budget-data {budget_data}: its val split has no images")
         items = [dataset[i] for i in range(n)]
-        return HeldOut([it[0] for it in items], [it[1] for it in items], list(dataset.names), num_images,
-                       f"{n} labelled images of {budget_data}")
+        return HeldOut([it[0] for it in items], [it[1] for it in items], list(dataset.names), num_images)
     paths = list_images(image_dir)
     k = count or min(AGREEMENT_IMAGES, len(paths) // 4)
     if k < 8 or len(paths) - k < 1:
@@ -167,4 +164,4 @@ def held_out(image_dir: str | Path, num_images: int, budget_data: str | Path | N
     if num_images > limit:
         log.info("budget: the last %d of %d images of %s are held out for the agreement measure; calibrating on %d",
                  k, len(paths), image_dir, limit)
-    return HeldOut(images, None, None, limit, f"the last {k} images of {image_dir}")
+    return HeldOut(images, None, None, limit)

@@ -32,17 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_latency import calibration_batches, nncf_quantize  # noqa: E402
 
 
-def symmetric_variants(export_dir: Path, work: Path, imgsz: int) -> dict[str, Path]:
-    """int8-ov's graph from the export's table with symmetric activation formats."""
+def symmetric_variants(float_onnx: Path, table_path: Path, work: Path, batches) -> dict[str, Path]:
+    """int8-ov's graph from the export's table with symmetric activation formats (bias correction
+    on ``batches``, as export does)."""
     from edgeq import flavours
     from edgeq.export.calib_table import CalibrationTable
     from edgeq.export.int8 import quantize_file
     from edgeq.export.openvino_export import export_openvino
 
-    float_onnx = _one(export_dir, "*.onnx", lambda p: ".int8-" not in p.name)
-    table = CalibrationTable.load(_one(export_dir, "*.calib.json"))
+    table = CalibrationTable.load(table_path)
     ov = flavours.get("int8-ov")
-    batches = calibration_batches(imgsz, 32)
     out = {}
     for act in ("auto8", "int8"):
         flavour = dataclasses.replace(ov, policy=dataclasses.replace(ov.policy, activations=act))
@@ -51,18 +50,17 @@ def symmetric_variants(export_dir: Path, work: Path, imgsz: int) -> dict[str, Pa
     return out
 
 
-def _one(folder: Path, pattern: str, keep=lambda p: True) -> Path:
-    found = sorted(p for p in folder.glob(pattern) if keep(p))
+def _float_onnx(folder: Path) -> Path:
+    found = sorted(p for p in folder.glob("*.onnx") if ".int8-" not in p.name)
     if len(found) != 1:
-        raise SystemExit(f"expected one {pattern} in {folder}, found {[p.name for p in found]}")
+        raise SystemExit(f"expected one float .onnx in {folder}, found {[p.name for p in found]}")
     return found[0]
 
 
-def profile(models: dict[str, Path], imgsz: int, runs: int, threads: int, top: int) -> None:
+def profile(models: dict[str, Path], x: np.ndarray, runs: int, threads: int, top: int) -> None:
     import openvino as ov
 
     core = ov.Core()
-    x = calibration_batches(imgsz, 1)[0]
     requests = {}
     for name, path in models.items():
         compiled = core.compile_model(core.read_model(str(path)), "CPU", {
@@ -96,15 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=8, help="kernels listed per model")
     p.add_argument("--work", type=Path, help="folder for the NNCF and symmetric IRs (default: temporary)")
     args = p.parse_args(argv)
+    from edgeq import flavours
+
+    float_onnx = _float_onnx(args.export_dir)
+    stem = float_onnx.stem
+    int8_ov = args.export_dir / flavours.get("int8-ov").artifact_names(stem)["int8-ov-ir"]
+    batches = calibration_batches(args.imgsz, 64)  # NNCF's 64; bias correction the first 32; timing the first
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        float_ir = _one(args.export_dir, "*.xml", lambda q: ".int8-" not in q.name)
-        models = {"float IR": float_ir, "edgeq int8-ov (export's)": _one(args.export_dir, "*.int8-ov.xml")}
-        models["nncf.quantize defaults"] = nncf_quantize(float_ir.with_suffix(".onnx"), work / "nncf.xml",
-                                                         calibration_batches(args.imgsz, 64))
-        models.update(symmetric_variants(args.export_dir, work, args.imgsz))
-        profile(models, args.imgsz, args.runs, args.threads, args.top)
+        models = {"float IR": float_onnx.with_suffix(".xml"), "edgeq int8-ov (export's)": int8_ov,
+                  "nncf.quantize defaults": nncf_quantize(float_onnx, work / "nncf.xml", batches)}
+        models.update(symmetric_variants(float_onnx, args.export_dir / f"{stem}.calib.json", work, batches[:32]))
+        profile(models, batches[0], args.runs, args.threads, args.top)
     return 0
 
 
